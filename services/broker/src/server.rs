@@ -1,0 +1,189 @@
+//! Starts rumqttd from a [`BrokerConfig`] and reports on it.
+//!
+//! rumqttd runs its listeners and router on threads of its own and has no shutdown API:
+//! the broker lives until the process exits, which is what `dcs-broker` does on SIGTERM.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+
+use crate::auth::PasswordFile;
+use crate::config::BrokerConfig;
+
+/// A broker that is accepting connections.
+#[derive(Debug)]
+pub struct RunningBroker {
+    /// Listener kind (`mqtt`, `mqtt5`, `websocket`) and address, all verified listening.
+    pub listeners: Vec<(&'static str, SocketAddr)>,
+}
+
+/// Starts the broker and returns once every listener accepts connections.
+///
+/// `config_file` anchors relative paths (the password file). Must be called from within
+/// a tokio runtime (the meters reporter is a task on it).
+pub fn start(config: &BrokerConfig, config_file: Option<&Path>) -> anyhow::Result<RunningBroker> {
+    let users = match &config.auth.password_file {
+        Some(p) => {
+            let path = config_file.map_or(p.clone(), |f| dcs_shared::config::relative_to(f, p));
+            let users = PasswordFile::load(&path)?;
+            if users.is_empty() {
+                bail!("password file {} has no users: nobody could connect", path.display());
+            }
+            tracing::info!(file = %path.display(), users = users.len(), "loaded MQTT users");
+            Some(Arc::new(users))
+        }
+        None => None,
+    };
+    if users.is_none() {
+        tracing::warn!("anonymous MQTT access is allowed (auth.allow_anonymous: true)");
+    }
+
+    let listeners = config.listeners.all();
+    for (kind, addr) in &listeners {
+        // rumqttd only logs a failed bind from its own thread; find out here, clearly.
+        TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} ({kind} listener)"))?;
+    }
+
+    let mut rconfig = rumqttd_config(config)?;
+    if let Some(users) = users {
+        let servers = [&mut rconfig.v4, &mut rconfig.v5, &mut rconfig.ws];
+        for settings in servers.into_iter().flatten().flat_map(|m| m.values_mut()) {
+            let users = users.clone();
+            settings.set_auth_handler(move |client_id: String, user: String, pass: String| {
+                let users = users.clone();
+                async move {
+                    let ok = users.verify(&user, &pass);
+                    if !ok {
+                        tracing::warn!(%client_id, %user, "MQTT login refused");
+                    }
+                    ok
+                }
+            });
+        }
+    }
+
+    let mut broker = rumqttd::Broker::new(rconfig);
+    let meters = broker.meters().ok();
+    let (stats_tx, _stats_rx) = broker
+        .link("dcs-broker")
+        .map_err(|e| anyhow::anyhow!("cannot create the broker's local link: {e}"))?;
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "broker stopped");
+            }
+        })
+        .context("cannot start the broker thread")?;
+
+    for (kind, addr) in &listeners {
+        wait_listening(*addr).with_context(|| format!("{kind} listener on {addr} did not come up"))?;
+        tracing::info!(listener = kind, %addr, "listening");
+    }
+
+    if config.meters_interval_secs > 0 {
+        let every = Duration::from_secs(config.meters_interval_secs);
+        tokio::spawn(report_meters(meters, stats_tx, every));
+    }
+    Ok(RunningBroker { listeners })
+}
+
+/// rumqttd's `Config` has private fields (metrics), so it is built by deserialising.
+fn rumqttd_config(c: &BrokerConfig) -> anyhow::Result<rumqttd::Config> {
+    let l = &c.limits;
+    let server = |name: &str, addr: SocketAddr| {
+        json!({"1": {
+            "name": name,
+            "listen": addr.to_string(),
+            "next_connection_delay_ms": 1,
+            "connections": {
+                "connection_timeout_ms": l.connection_timeout_ms,
+                "max_payload_size": l.max_payload_size,
+                "max_inflight_count": l.max_inflight_count,
+                "dynamic_filters": true,
+            },
+        }})
+    };
+    let mut value = json!({
+        "id": 0,
+        "router": {
+            "max_connections": l.max_connections,
+            "max_outgoing_packet_count": l.max_outgoing_packet_count,
+            "max_segment_size": l.segment_size,
+            "max_segment_count": l.segment_count,
+        },
+    });
+    if let Some(a) = c.listeners.mqtt {
+        value["v4"] = server("mqtt", a);
+    }
+    if let Some(a) = c.listeners.mqtt5 {
+        value["v5"] = server("mqtt5", a);
+    }
+    if let Some(a) = c.listeners.websocket {
+        value["ws"] = server("websocket", a);
+    }
+    if c.meters_interval_secs > 0 {
+        value["metrics"] = json!({"meters": {"push_interval": c.meters_interval_secs}});
+    }
+    serde_json::from_value(value).context("building the rumqttd configuration")
+}
+
+fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let target = if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    loop {
+        match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Resident set size of this process, bytes (Linux).
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Logs the router's meters and our RSS, and publishes them on `dcs-broker/stats`.
+async fn report_meters(meters: Option<rumqttd::meters::MetersLink>, mut link: rumqttd::local::LinkTx, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let (mut connections, mut subscriptions) = (0usize, 0usize);
+    loop {
+        tick.tick().await;
+        let (mut publishes, mut failed) = (0usize, 0usize);
+        // Meters arrive only for intervals with traffic; drain what is there.
+        while let Some(Ok(batch)) = meters.as_ref().map(|m| m.recv()) {
+            for m in batch {
+                if let rumqttd::Meter::Router(_, r) = m {
+                    connections = r.total_connections;
+                    subscriptions = r.total_subscriptions;
+                    publishes += r.total_publishes;
+                    failed += r.failed_publishes;
+                }
+            }
+        }
+        let rss = rss_bytes().unwrap_or(0);
+        tracing::info!(connections, subscriptions, publishes, failed_publishes = failed, rss_bytes = rss, "broker meters");
+        let stats = json!({
+            "connections": connections,
+            "subscriptions": subscriptions,
+            "publishes": publishes,
+            "failed_publishes": failed,
+            "rss_bytes": rss,
+            "interval_secs": every.as_secs(),
+        });
+        let _ = link.try_publish("dcs-broker/stats", stats.to_string());
+    }
+}

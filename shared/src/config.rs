@@ -1,0 +1,292 @@
+//! YAML configuration loading.
+//!
+//! Every service reads a YAML file into its own `serde` struct through [`load`]. A
+//! mistake in the file produces a [`ConfigError`] that names the file, the key path
+//! (`broker.listeners.mqtt`) and the line, so a person can fix it without reading code.
+//!
+//! Before parsing, `${VAR}` and `${VAR:-default}` are replaced by environment variables
+//! (as Telegraf does), so URLs and secrets can stay out of the file. An unset variable
+//! without a default is an error naming the variable and the line.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+/// A configuration file could not be read, parsed or validated.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file (or other origin) the configuration came from.
+    pub origin: PathBuf,
+    /// Dotted key path of the offending value, when known (`broker.auth.credentials_file`).
+    pub key: Option<String>,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    /// What is wrong, in words.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about a value that parsed but is not acceptable.
+    pub fn invalid(origin: &Path, key: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            origin: origin.to_path_buf(),
+            key: Some(key.to_string()),
+            line: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.origin.display())?;
+        if let Some(line) = self.line {
+            write!(f, ", line {line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ", key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Checks a configuration after it has been parsed (ranges, cross-field rules).
+///
+/// Errors name the key: `Err(("mqtt.keep_alive_secs", "must be > 0"))`.
+pub trait Validate {
+    /// Returns the first problem found, as (key path, message).
+    fn validate(&self) -> Result<(), (String, String)> {
+        Ok(())
+    }
+}
+
+/// Reads, expands, parses and validates a YAML file.
+pub fn load<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        origin: path.to_path_buf(),
+        key: None,
+        line: None,
+        message: format!("cannot read file: {e}"),
+    })?;
+    from_str(&text, path)
+}
+
+/// Parses and validates YAML text; `origin` is only used in error messages.
+pub fn from_str<T: DeserializeOwned + Validate>(text: &str, origin: &Path) -> Result<T, ConfigError> {
+    let text = expand_env(text, origin, |name| std::env::var(name).ok())?;
+    if text.trim().is_empty() {
+        return Err(ConfigError {
+            origin: origin.to_path_buf(),
+            key: None,
+            line: None,
+            message: "the file is empty".into(),
+        });
+    }
+    let de = serde_yaml::Deserializer::from_str(&text);
+    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner.location().map(|l| l.line());
+        // serde_yaml appends " at line N column M" itself; we report the line separately.
+        let mut message = inner.to_string();
+        if let Some(pos) = message.find(" at line ") {
+            message.truncate(pos);
+        }
+        ConfigError {
+            origin: origin.to_path_buf(),
+            key: (key != "." && !key.is_empty()).then_some(key),
+            line,
+            message,
+        }
+    })?;
+    value.validate().map_err(|(key, message)| ConfigError {
+        line: find_key_line(&text, &key),
+        ..ConfigError::invalid(origin, &key, message)
+    })?;
+    Ok(value)
+}
+
+/// Best-effort line of the last component of a dotted key path, for validation errors.
+fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    let last = key.rsplit('.').next()?;
+    let last = last.split('[').next()?;
+    text.lines()
+        .position(|l| {
+            let t = l.trim_start().trim_start_matches("- ");
+            t.starts_with(&format!("{last}:")) || t.starts_with(&format!("\"{last}\":"))
+        })
+        .map(|i| i + 1)
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` with values from `lookup`. Comment lines are
+/// left alone so that documentation in the file can mention variables freely.
+pub fn expand_env(
+    text: &str,
+    origin: &Path,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    for (lineno, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') || !line.contains("${") {
+            out.push_str(line);
+            continue;
+        }
+        let mut rest = line;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                return Err(ConfigError {
+                    origin: origin.to_path_buf(),
+                    key: None,
+                    line: Some(lineno + 1),
+                    message: "unterminated `${` (environment variable reference)".into(),
+                });
+            };
+            let expr = &after[..end];
+            let (name, default) = match expr.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (expr, None),
+            };
+            let valid = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(ConfigError {
+                    origin: origin.to_path_buf(),
+                    key: None,
+                    line: Some(lineno + 1),
+                    message: format!("`${{{expr}}}` is not a valid environment variable reference"),
+                });
+            }
+            match lookup(name).filter(|v| !v.is_empty()).or(default.map(str::to_string)) {
+                Some(v) => out.push_str(&v),
+                None => {
+                    return Err(ConfigError {
+                        origin: origin.to_path_buf(),
+                        key: None,
+                        line: Some(lineno + 1),
+                        message: format!(
+                            "environment variable {name} is not set (write `${{{name}:-default}}` to give a default)"
+                        ),
+                    })
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+/// Resolves a path written in a config file relative to the directory of that file.
+pub fn relative_to(config_file: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    config_file
+        .parent()
+        .map(|dir| dir.join(path))
+        .unwrap_or_else(|| path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        port: u16,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Outer {
+        #[allow(dead_code)]
+        name: String,
+        inner: Inner,
+    }
+
+    impl Validate for Outer {
+        fn validate(&self) -> Result<(), (String, String)> {
+            if self.inner.port == 0 {
+                return Err(("inner.port".into(), "must not be 0".into()));
+            }
+            Ok(())
+        }
+    }
+
+    fn parse(text: &str) -> Result<Outer, ConfigError> {
+        from_str(text, Path::new("test.yaml"))
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let err = parse("name: x\ninner:\n  port: seventy\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("inner.port"));
+        assert_eq!(err.line, Some(3));
+        let text = err.to_string();
+        assert!(text.starts_with("test.yaml, line 3, key `inner.port`: "), "{text}");
+        assert!(text.contains("invalid value") || text.contains("invalid type"), "{text}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let err = parse("name: x\ninner:\n  port: 1\n  prot: 2\n").unwrap_err();
+        assert!(err.message.contains("unknown field `prot`"), "{err}");
+        assert_eq!(err.line, Some(4));
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let err = parse("name: x\ninner: {}\n").unwrap_err();
+        assert!(err.message.contains("missing field `port`"), "{err}");
+        assert_eq!(err.key.as_deref(), Some("inner"));
+    }
+
+    #[test]
+    fn broken_yaml_gives_line() {
+        let err = parse("name: x\ninner:\n  port: [1, 2\n").unwrap_err();
+        assert!(err.line.is_some(), "{err}");
+    }
+
+    #[test]
+    fn empty_file_is_an_error() {
+        let err = parse("\n  \n").unwrap_err();
+        assert!(err.message.contains("empty"), "{err}");
+    }
+
+    #[test]
+    fn validation_error_names_key_and_line() {
+        let err = parse("name: x\ninner:\n  port: 0\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("inner.port"));
+        assert_eq!(err.line, Some(3));
+        assert!(err.message.contains("must not be 0"));
+    }
+
+    #[test]
+    fn env_expansion() {
+        let env = |n: &str| (n == "PORT").then(|| "1883".to_string());
+        let o = Path::new("t.yaml");
+        assert_eq!(expand_env("p: ${PORT}\n", o, env).unwrap(), "p: 1883\n");
+        assert_eq!(expand_env("p: ${NOPE:-7}\n", o, env).unwrap(), "p: 7\n");
+        assert_eq!(expand_env("# ${NOPE}\n", o, env).unwrap(), "# ${NOPE}\n");
+        let err = expand_env("a: 1\np: ${NOPE}\n", o, env).unwrap_err();
+        assert_eq!(err.line, Some(2));
+        assert!(err.message.contains("NOPE is not set"), "{err}");
+        assert!(expand_env("p: ${BAD NAME}\n", o, env).is_err());
+        assert!(expand_env("p: ${OPEN\n", o, env).is_err());
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let p = relative_to(Path::new("/etc/dcs/dcs.yaml"), Path::new("users.passwd"));
+        assert_eq!(p, PathBuf::from("/etc/dcs/users.passwd"));
+        let p = relative_to(Path::new("/etc/dcs/dcs.yaml"), Path::new("/abs/x"));
+        assert_eq!(p, PathBuf::from("/abs/x"));
+    }
+}

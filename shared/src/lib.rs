@@ -1,0 +1,23 @@
+//! Common library of the Tracker DCS services.
+//!
+//! Every binary of the suite builds on these pieces:
+//! - [`config`]: YAML config files with errors that name file, key and line;
+//! - [`mqtt`]: a self-healing MQTT session (reconnect, re-subscribe, last will, birth,
+//!   retained state restored after a broker restart);
+//! - [`command`]: the command/reply envelope every service speaks (SPEC 3.4);
+//! - [`time`]: UTC nanosecond timestamps;
+//! - [`logging`] and [`shutdown`]: `tracing` setup and SIGTERM/SIGINT handling;
+//! - [`backoff`]: exponential backoff with jitter.
+
+pub mod backoff;
+pub mod command;
+pub mod config;
+pub mod logging;
+pub mod mqtt;
+pub mod shutdown;
+pub mod time;
+
+pub use command::{Command, CommandError, Reply};
+pub use config::{ConfigError, Validate};
+pub use mqtt::{Message, MqttSettings, QoS, Session, SessionEvent, SessionOptions};
+pub use time::UtcNanos;
