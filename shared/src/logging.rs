@@ -13,7 +13,9 @@ pub fn init(default_level: &str) {
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .and_then(|spec| EnvFilter::try_new(spec).ok())
-        .unwrap_or_else(|| EnvFilter::new(default_level));
+        // rumqttd logs every accept at info and every normal disconnect as a routing
+        // "error"; keep its other warnings only.
+        .unwrap_or_else(|| EnvFilter::new(format!("{default_level},rumqttd=warn,rumqttd::router::routing=off")));
     let json = std::env::var("DCS_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -3,7 +3,7 @@
 //! rumqttd runs its listeners and router on threads of its own and has no shutdown API:
 //! the broker lives until the process exits, which is what `dcs-broker` does on SIGTERM.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -81,7 +81,7 @@ pub fn start(config: &BrokerConfig, config_file: Option<&Path>) -> anyhow::Resul
         .context("cannot start the broker thread")?;
 
     for (kind, addr) in &listeners {
-        wait_listening(*addr).with_context(|| format!("{kind} listener on {addr} did not come up"))?;
+        wait_bound(*addr, Duration::from_secs(10)).with_context(|| format!("{kind} listener on {addr} did not come up"))?;
         tracing::info!(listener = kind, %addr, "listening");
     }
 
@@ -127,25 +127,40 @@ fn rumqttd_config(c: &BrokerConfig) -> anyhow::Result<rumqttd::Config> {
         value["ws"] = server("websocket", a);
     }
     if c.meters_interval_secs > 0 {
-        value["metrics"] = json!({"meters": {"push_interval": c.meters_interval_secs}});
+        // rumqttd 0.20's timer thread panics unless both kinds are configured.
+        let every = json!({"push_interval": c.meters_interval_secs});
+        value["metrics"] = json!({"meters": every, "alerts": every});
     }
     serde_json::from_value(value).context("building the rumqttd configuration")
 }
 
-fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let target = if addr.ip().is_unspecified() {
-        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
-    } else {
-        addr
-    };
-    loop {
-        match TcpStream::connect_timeout(&target, Duration::from_millis(200)) {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() > deadline => return Err(e.into()),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+/// Waits until a socket listens on `addr`'s port. Reads `/proc/net/tcp{,6}` instead of
+/// connecting (rumqttd logs every half-open connection as an error) or binding (which
+/// would race the broker for the port).
+pub fn wait_bound(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while !is_listening(addr.port()) {
+        if Instant::now() > deadline {
+            bail!("nothing listening after {within:?}");
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(())
+}
+
+/// Whether any local TCP socket is in LISTEN state on `port` (Linux).
+pub fn is_listening(port: u16) -> bool {
+    let wanted = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|text| {
+            text.lines().skip(1).any(|l| {
+                let mut cols = l.split_whitespace().skip(1);
+                let local = cols.next().unwrap_or("");
+                let state = cols.nth(1).unwrap_or("");
+                local.ends_with(&wanted) && state == "0A"
+            })
+        })
+    })
 }
 
 /// Resident set size of this process, bytes (Linux).

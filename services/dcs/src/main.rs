@@ -1,1 +1,185 @@
-fn main(){}
+//! `dcs`: the launcher of the Tracker DCS suite.
+//!
+//! - `dcs up [--config FILE] [--simulate]` runs the broker, the services and (with
+//!   `--simulate`) the hardware simulators, each as a supervised child process;
+//! - `dcs check --config FILE` validates a stack config and every file it names;
+//! - `dcs run NAME --config FILE` runs one component in this process (what `dcs up`
+//!   starts for each child).
+
+mod components;
+mod launcher;
+mod registry;
+mod stack;
+mod supervisor;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use dcs_shared::shutdown::CancellationToken;
+use stack::StackConfig;
+use supervisor::{ChildSpec, StatusBoard};
+
+/// Tracker DCS launcher.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the whole stack until Ctrl-C or SIGTERM.
+    Up {
+        /// Stack config.
+        #[arg(long, short, default_value = "deploy/dcs.yaml")]
+        config: PathBuf,
+        /// Also run the hardware simulators listed under `simulators:`.
+        #[arg(long)]
+        simulate: bool,
+    },
+    /// Validate a stack config and every config file it names.
+    Check {
+        /// Stack config.
+        #[arg(long, short, default_value = "deploy/dcs.yaml")]
+        config: PathBuf,
+    },
+    /// Run one component in this process (used by `dcs up`).
+    Run {
+        /// Component name (`broker`, or a name under `services:`/`simulators:`).
+        name: String,
+        /// Stack config.
+        #[arg(long, short, default_value = "deploy/dcs.yaml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    dcs_shared::logging::init("info");
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dcs: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Cmd::Up { config, simulate } => runtime.block_on(up(&config, simulate)),
+        Cmd::Check { config } => check(&config).map(|summary| println!("{summary}")),
+        Cmd::Run { name, config } => runtime.block_on(run(&name, &config)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dcs: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Loads the stack and checks every enabled component's config; returns a summary.
+fn check(path: &Path) -> anyhow::Result<String> {
+    let stack = StackConfig::load(path)?;
+    let mut names = Vec::new();
+    for (component, file) in stack.enabled(true) {
+        (component.check)(&stack, file.as_deref())
+            .map_err(|e| anyhow::anyhow!("{} `{}`: {e:#}", component.kind.noun(), component.name))?;
+        names.push(component.name);
+    }
+    Ok(format!("{}: OK ({})", path.display(), names.join(", ")))
+}
+
+async fn up(path: &Path, simulate: bool) -> anyhow::Result<()> {
+    let summary = check(path)?;
+    let stack = StackConfig::load(path)?;
+    let stack_path = std::path::absolute(path)?;
+    tracing::info!("{summary}");
+    if let Some(said) = stack::ensure_service_account(&stack)? {
+        println!("dcs: {said}");
+    }
+    let exe = std::env::current_exe()?;
+    let board = StatusBoard::default();
+    let broker_stop = CancellationToken::new();
+    let services_stop = CancellationToken::new();
+    let mut broker_task = None;
+    let mut service_tasks = Vec::new();
+    let mut restarts = HashMap::new();
+
+    for (component, _) in stack.enabled(simulate) {
+        let spec = ChildSpec {
+            name: component.name.to_string(),
+            program: exe.clone(),
+            args: vec![
+                "run".into(),
+                component.name.into(),
+                "--config".into(),
+                stack_path.display().to_string(),
+            ],
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        restarts.insert(component.name.to_string(), tx);
+        if component.kind == registry::Kind::Broker {
+            let token = broker_stop.clone();
+            broker_task = Some(tokio::spawn(supervisor::supervise(spec, board.clone(), token, rx)));
+            if let Some(b) = &stack.broker {
+                for (kind, addr) in b.listeners.all() {
+                    let scheme = if kind == "websocket" { "ws" } else { "mqtt" };
+                    println!("dcs: broker {kind:<9} {scheme}://{addr}");
+                }
+                // Services retry anyway; waiting here keeps the first minute's logs clean.
+                if let Some(addr) = b.listeners.mqtt.or(b.listeners.mqtt5) {
+                    wait_listening(addr, Duration::from_secs(15)).await;
+                }
+            }
+        } else {
+            service_tasks.push(tokio::spawn(supervisor::supervise(spec, board.clone(), services_stop.clone(), rx)));
+            println!("dcs: {} `{}` started", component.kind.noun(), component.name);
+        }
+    }
+    if stack.broker.is_none() {
+        println!("dcs: using the external broker at {}", stack.mqtt.url);
+    }
+    let launcher_stop = CancellationToken::new();
+    let launcher = tokio::spawn(launcher::run(stack.mqtt.clone(), board.clone(), restarts, launcher_stop.clone()));
+    println!("dcs: up; status on MQTT `{}/status`; Ctrl-C stops everything", launcher::NAME);
+
+    let signal = dcs_shared::shutdown::signal().await;
+    tracing::info!(signal, "stopping the stack");
+    services_stop.cancel();
+    for t in service_tasks {
+        let _ = t.await;
+    }
+    launcher_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(3), launcher).await;
+    broker_stop.cancel();
+    if let Some(t) = broker_task {
+        let _ = t.await;
+    }
+    println!("dcs: stopped");
+    Ok(())
+}
+
+async fn wait_listening(addr: SocketAddr, within: Duration) {
+    let probe = tokio::task::spawn_blocking(move || dcs_broker::server::wait_bound(addr, within));
+    if !matches!(probe.await, Ok(Ok(()))) {
+        tracing::warn!(%addr, "broker not listening yet; services will keep retrying");
+    }
+}
+
+async fn run(name: &str, path: &Path) -> anyhow::Result<()> {
+    // Die with the launcher even if it is SIGKILLed.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+    let stack = StackConfig::load(path)?;
+    let (component, file) = stack
+        .enabled(true)
+        .into_iter()
+        .find(|(c, _)| c.name == name)
+        .ok_or_else(|| anyhow::anyhow!("`{name}` is not enabled in {}", path.display()))?;
+    let shutdown = dcs_shared::shutdown::on_signal();
+    (component.run)(stack, file, shutdown).await
+}

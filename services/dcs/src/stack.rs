@@ -1,0 +1,221 @@
+//! The stack config (`deploy/dcs.yaml`): the broker, the MQTT settings every service
+//! shares, and which services and simulators run, each with its own config file.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use dcs_broker::BrokerConfig;
+use dcs_shared::config::relative_to;
+use dcs_shared::{ConfigError, MqttSettings, Validate};
+use serde::Deserialize;
+
+use crate::registry::{self, Kind};
+
+/// The whole stack, as `dcs up` runs it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackConfig {
+    /// Where generated credentials and service state live.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// How every service reaches the broker.
+    #[serde(default)]
+    pub mqtt: MqttSettings,
+    /// The embedded broker; leave it out to use an external one (Mosquitto, EMQX).
+    #[serde(default)]
+    pub broker: Option<BrokerConfig>,
+    /// Services to run, by name.
+    #[serde(default)]
+    pub services: BTreeMap<String, Entry>,
+    /// Hardware simulators, run only by `dcs up --simulate`.
+    #[serde(default)]
+    pub simulators: BTreeMap<String, Entry>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(".dcs")
+}
+
+/// One service or simulator in the stack.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Set to false to keep the entry but not run it.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The component's own config file, relative to the stack config.
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Validate for StackConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        self.mqtt.check().map_err(|(k, m)| (format!("mqtt.{k}"), m))?;
+        if let Some(b) = &self.broker {
+            b.validate().map_err(|(k, m)| (format!("broker.{k}"), m))?;
+        }
+        for (section, entries, kind) in [
+            ("services", &self.services, Kind::Service),
+            ("simulators", &self.simulators, Kind::Simulator),
+        ] {
+            for name in entries.keys() {
+                if registry::find(name, kind).is_none() {
+                    return Err((
+                        format!("{section}.{name}"),
+                        format!("unknown {}: known ones are {}", kind.noun(), registry::names(kind).join(", ")),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StackConfig {
+    /// Loads the stack config and makes its paths absolute (relative to the file).
+    pub fn load(path: &Path) -> Result<StackConfig, ConfigError> {
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let mut c: StackConfig = dcs_shared::config::load(&path)?;
+        c.state_dir = relative_to(&path, &c.state_dir);
+        if let Some(f) = &c.mqtt.password_file {
+            c.mqtt.password_file = Some(relative_to(&path, f));
+        }
+        if let Some(f) = c.broker.as_mut().and_then(|b| b.auth.password_file.as_mut()) {
+            *f = relative_to(&path, f);
+        }
+        for e in c.services.values_mut().chain(c.simulators.values_mut()) {
+            if let Some(f) = &e.config {
+                e.config = Some(relative_to(&path, f));
+            }
+        }
+        c.mqtt = c.mqtt.with_env_overrides();
+        Ok(c)
+    }
+
+    /// The enabled components in start order: broker, simulators, services.
+    pub fn enabled(&self, simulate: bool) -> Vec<(&'static registry::Component, Option<PathBuf>)> {
+        let mut out = Vec::new();
+        if self.broker.is_some() {
+            out.extend(registry::find("broker", Kind::Broker).map(|c| (c, None)));
+        }
+        let mut add = |entries: &BTreeMap<String, Entry>, kind| {
+            for (name, e) in entries.iter().filter(|(_, e)| e.enabled) {
+                if let Some(c) = registry::find(name, kind) {
+                    out.push((c, e.config.clone()));
+                }
+            }
+        };
+        if simulate {
+            add(&self.simulators, Kind::Simulator);
+        }
+        add(&self.services, Kind::Service);
+        out
+    }
+}
+
+/// Makes sure the services' MQTT account exists when the stack runs its own broker:
+/// on first start a random password is written to `mqtt.password_file` (mode 0600) and
+/// its hash added to the broker's password file. Returns a line describing what it did.
+pub fn ensure_service_account(stack: &StackConfig) -> anyhow::Result<Option<String>> {
+    let Some(broker) = &stack.broker else { return Ok(None) };
+    let (Some(user), Some(secret_file), Some(passwd_file)) = (
+        stack.mqtt.username.as_deref(),
+        stack.mqtt.password_file.as_deref(),
+        broker.auth.password_file.as_deref(),
+    ) else {
+        return Ok(None);
+    };
+    if stack.mqtt.password.is_some() {
+        return Ok(None);
+    }
+    let mut created = false;
+    let password = if secret_file.exists() {
+        stack.mqtt.resolve_password().map_err(anyhow::Error::msg)?.unwrap_or_default()
+    } else {
+        use rand::distributions::{Alphanumeric, DistString};
+        let pw = Alphanumeric.sample_string(&mut rand::thread_rng(), 32);
+        write_private(secret_file, &format!("{pw}\n"))?;
+        created = true;
+        pw
+    };
+    let existing = std::fs::read_to_string(passwd_file).unwrap_or_default();
+    let users = dcs_broker::auth::PasswordFile::parse(&existing).unwrap_or_default();
+    if users.verify(user, &password) {
+        return Ok(created.then(|| format!("created MQTT password for `{user}` in {}", secret_file.display())));
+    }
+    // Replace any stale entry for this user, keep everyone else.
+    let mut text: String = existing
+        .lines()
+        .filter(|l| l.split_once(':').map(|(u, _)| u) != Some(user))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    text.push_str(&dcs_broker::auth::hash_entry(user, &password));
+    text.push('\n');
+    write_private(passwd_file, &text)?;
+    Ok(Some(format!(
+        "MQTT account `{user}`: password in {}, hash in {}",
+        secret_file.display(),
+        passwd_file.display()
+    )))
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_service_is_named_with_the_known_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("dcs.yaml");
+        std::fs::write(&f, "services:\n  caen-fms: {}\n").unwrap();
+        let e = StackConfig::load(&f).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("services.caen-fms"));
+        assert!(e.message.starts_with("unknown service: known ones are"), "{e}");
+    }
+
+    #[test]
+    fn account_is_created_once_and_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("dcs.yaml");
+        std::fs::write(
+            &f,
+            "mqtt: {username: dcs, password_file: s/secret}\nbroker: {auth: {password_file: s/passwd}}\n",
+        )
+        .unwrap();
+        let stack = StackConfig::load(&f).unwrap();
+        let said = ensure_service_account(&stack).unwrap().unwrap();
+        assert!(said.contains("MQTT account `dcs`"), "{said}");
+        let secret = dir.path().join("s/secret");
+        let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let pw = std::fs::read_to_string(&secret).unwrap();
+        let users = dcs_broker::auth::PasswordFile::load(&dir.path().join("s/passwd")).unwrap();
+        assert!(users.verify("dcs", pw.trim()));
+        // Second start: nothing to do, same password.
+        assert_eq!(ensure_service_account(&stack).unwrap(), None);
+        assert_eq!(std::fs::read_to_string(&secret).unwrap(), pw);
+    }
+}

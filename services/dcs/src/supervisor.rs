@@ -1,0 +1,218 @@
+//! Runs components as child processes, restarts them with backoff when they die, and
+//! stops them in order (services first, broker last) on shutdown.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dcs_shared::backoff::Backoff;
+use dcs_shared::shutdown::CancellationToken;
+use dcs_shared::UtcNanos;
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, Notify};
+
+/// Grace period between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// A child that ran this long before dying restarts after the shortest delay again.
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+
+/// What the launcher reports about one component (on `dcs-launcher/status`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ChildStatus {
+    /// `starting`, `running`, `restarting`, `stopped`.
+    pub state: &'static str,
+    /// Process id while running.
+    pub pid: Option<u32>,
+    /// Restarts since `dcs up`.
+    pub restarts: u32,
+    /// How the last run ended, if it did.
+    pub last_exit: Option<String>,
+    /// When the state last changed (RFC 3339 UTC).
+    pub since: String,
+}
+
+/// Shared view of every child's status, with a notification on each change.
+#[derive(Clone, Default)]
+pub struct StatusBoard {
+    children: Arc<Mutex<BTreeMap<String, ChildStatus>>>,
+    changed: Arc<Notify>,
+}
+
+impl StatusBoard {
+    fn update(&self, name: &str, f: impl FnOnce(&mut ChildStatus)) {
+        if let Ok(mut m) = self.children.lock() {
+            let s = m.entry(name.to_string()).or_insert_with(|| ChildStatus {
+                state: "starting",
+                pid: None,
+                restarts: 0,
+                last_exit: None,
+                since: UtcNanos::now().to_string(),
+            });
+            let before = s.state;
+            f(s);
+            if s.state != before {
+                s.since = UtcNanos::now().to_string();
+            }
+        }
+        self.changed.notify_waiters();
+        self.changed.notify_one();
+    }
+
+    /// A copy of the current statuses.
+    pub fn snapshot(&self) -> BTreeMap<String, ChildStatus> {
+        self.children.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Waits for the next change.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+/// How to start one child.
+#[derive(Debug, Clone)]
+pub struct ChildSpec {
+    /// Component name (also the log prefix).
+    pub name: String,
+    /// The program (the `dcs` executable itself).
+    pub program: PathBuf,
+    /// Its arguments (`run NAME --config STACK`).
+    pub args: Vec<String>,
+}
+
+/// Keeps one child running until `shutdown`; a message on `restart` restarts it now.
+pub async fn supervise(
+    spec: ChildSpec,
+    board: StatusBoard,
+    shutdown: CancellationToken,
+    mut restart: mpsc::Receiver<()>,
+) {
+    let name = spec.name.as_str();
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            // Own process group: a terminal's Ctrl-C reaches only the launcher, which
+            // then stops the children in order.
+            .process_group(0);
+        let started = Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::error!(component = name, error = %e, retry_in = ?delay, "cannot start");
+                board.update(name, |s| {
+                    s.state = "restarting";
+                    s.last_exit = Some(format!("cannot start: {e}"));
+                });
+                if sleep_or_stop(delay, &shutdown).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let pid = child.id();
+        forward(name, child.stdout.take());
+        forward(name, child.stderr.take());
+        tracing::info!(component = name, pid, "started");
+        board.update(name, |s| {
+            s.state = "running";
+            s.pid = pid;
+        });
+
+        tokio::select! {
+            status = child.wait() => {
+                let how = match status {
+                    Ok(s) => s.to_string(),
+                    Err(e) => format!("wait failed: {e}"),
+                };
+                if started.elapsed() > HEALTHY_AFTER {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                tracing::error!(component = name, exit = %how, restart_in = ?delay, "exited unexpectedly; restarting");
+                board.update(name, |s| {
+                    s.state = "restarting";
+                    s.pid = None;
+                    s.last_exit = Some(how);
+                    s.restarts += 1;
+                });
+                if sleep_or_stop(delay, &shutdown).await {
+                    break;
+                }
+            }
+            _ = shutdown.cancelled() => {
+                let how = stop(name, &mut child).await;
+                board.update(name, |s| {
+                    s.pid = None;
+                    s.last_exit = Some(how);
+                });
+                break;
+            }
+            Some(()) = restart.recv() => {
+                let how = stop(name, &mut child).await;
+                tracing::info!(component = name, "restarting on request");
+                backoff.reset();
+                board.update(name, |s| {
+                    s.state = "restarting";
+                    s.pid = None;
+                    s.last_exit = Some(how);
+                    s.restarts += 1;
+                });
+            }
+        }
+    }
+    board.update(name, |s| {
+        s.state = "stopped";
+        s.pid = None;
+    });
+}
+
+/// Sleeps `delay`; returns true if shutdown came first.
+async fn sleep_or_stop(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => false,
+        _ = shutdown.cancelled() => true,
+    }
+}
+
+/// SIGTERM, then SIGKILL after [`STOP_GRACE`]. Returns how the child ended.
+async fn stop(name: &str, child: &mut Child) -> String {
+    let t0 = Instant::now();
+    if let Some(pid) = child.id() {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+    match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+        Ok(Ok(status)) => {
+            tracing::info!(component = name, took_ms = t0.elapsed().as_millis() as u64, %status, "stopped");
+            status.to_string()
+        }
+        Ok(Err(e)) => format!("wait failed: {e}"),
+        Err(_) => {
+            tracing::warn!(component = name, "did not stop within {STOP_GRACE:?}; killing");
+            let _ = child.kill().await;
+            "killed after the grace period".to_string()
+        }
+    }
+}
+
+/// Copies a child's output to our stderr, one line at a time, prefixed with its name.
+fn forward(name: &str, out: Option<impl AsyncRead + Unpin + Send + 'static>) {
+    let Some(out) = out else { return };
+    let prefix = format!("{name:>12} | ");
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(out).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{prefix}{line}");
+        }
+    });
+}
