@@ -1,0 +1,325 @@
+//! Test harness: real brokers and the suite's own binaries on free loopback ports.
+//!
+//! Every test starts its own processes on ports it picked, so tests run in parallel.
+//! Binaries are taken from the cargo target directory (`cargo build --workspace` first;
+//! `.ci/run` does), or from `DCS_BIN_DIR`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+/// Username and password every test broker accepts.
+pub const USER: &str = "alice";
+/// Password of [`USER`].
+pub const PASS: &str = "s3cret";
+/// `mosquitto_passwd -b -c FILE alice s3cret`.
+pub const PASSWD_LINE: &str = "alice:$7$101$A4ZHLsuMM+NzxPM2$AGuo0ReuABnaPoO9y9K7z8PCWur+winy5U32oLSDitRpKGw0TUf3cVpYENhZhcFK/fac4+kMhCTjJ3qYmHOwRA==";
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Path of one of the workspace's binaries.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("DCS_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        // target/<profile>/deps/<test-exe> -> target/<profile>
+        let exe = std::env::current_exe().expect("current_exe");
+        exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    });
+    let p = dir.join(name);
+    assert!(p.exists(), "{} not built: run `cargo build --workspace` first", p.display());
+    p
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// Everything it wrote to stderr so far is collected here by a thread.
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Proc {
+    /// Sends SIGTERM and waits up to `within` for the exit; returns the status.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// What it printed on stderr.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `cmd` and waits until its stdout or stderr shows `ready` (a substring), or
+/// panics with what it printed.
+pub fn spawn_until(mut cmd: Command, ready: &str, within: Duration) -> Proc {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    fn pump(r: impl Read + Send + 'static, tx: std::sync::mpsc::Sender<String>, keep: Option<std::sync::Arc<std::sync::Mutex<String>>>) {
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines().map_while(Result::ok) {
+                if let Some(k) = &keep {
+                    if let Ok(mut k) = k.lock() {
+                        k.push_str(&line);
+                        k.push('\n');
+                    }
+                }
+                let _ = tx.send(line);
+            }
+        });
+    }
+    pump(child.stdout.take().expect("stdout"), tx.clone(), None);
+    pump(child.stderr.take().expect("stderr"), tx, Some(stderr.clone()));
+    let deadline = Instant::now() + within;
+    let mut seen = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+            Ok(line) => {
+                let hit = line.contains(ready);
+                seen.push_str(&line);
+                seen.push('\n');
+                if hit {
+                    // Keep draining so the child never blocks on a full pipe.
+                    std::thread::spawn(move || while rx.recv().is_ok() {});
+                    return Proc { child, stderr };
+                }
+            }
+            Err(_) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                panic!("{cmd:?} not ready within {within:?}; output:\n{seen}");
+            }
+            Err(_) => {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("{cmd:?} exited early ({status}); output:\n{seen}");
+                }
+            }
+        }
+    }
+}
+
+/// Which broker a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// Our `dcs-broker` (rumqttd).
+    Dcs,
+    /// Debian's Mosquitto, as the external broker a lab may use instead.
+    Mosquitto,
+}
+
+/// A broker process on free ports, restartable on the same ports.
+pub struct Broker {
+    /// Which implementation.
+    pub kind: BrokerKind,
+    /// MQTT 3.1.1 port (Mosquitto: the one listener, all versions).
+    pub port: u16,
+    /// MQTT 5 port (Mosquitto: same as `port`).
+    pub port5: u16,
+    dir: tempfile::TempDir,
+    proc: Option<Proc>,
+}
+
+impl Broker {
+    /// Starts a broker that requires [`USER`]/[`PASS`].
+    pub fn start(kind: BrokerKind) -> Broker {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("users.passwd"), format!("{PASSWD_LINE}\n")).expect("passwd");
+        let port = free_port();
+        let port5 = if kind == BrokerKind::Dcs { free_port() } else { port };
+        match kind {
+            BrokerKind::Dcs => std::fs::write(
+                dir.path().join("broker.yaml"),
+                format!(
+                    "listeners: {{mqtt: 127.0.0.1:{port}, mqtt5: 127.0.0.1:{port5}, websocket: null}}\n\
+                     auth: {{password_file: users.passwd}}\nmeters_interval_secs: 0\n"
+                ),
+            ),
+            BrokerKind::Mosquitto => std::fs::write(
+                dir.path().join("mosquitto.conf"),
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\nlog_dest stderr\n",
+                    dir.path().join("users.passwd").display()
+                ),
+            ),
+        }
+        .expect("config");
+        let mut b = Broker { kind, port, port5, dir, proc: None };
+        b.restart();
+        b
+    }
+
+    /// (Re)starts the process on the same ports.
+    pub fn restart(&mut self) {
+        let within = Duration::from_secs(15);
+        self.proc = Some(match self.kind {
+            BrokerKind::Dcs => {
+                let mut cmd = Command::new(bin("dcs-broker"));
+                cmd.arg("--config").arg(self.dir.path().join("broker.yaml"));
+                spawn_until(cmd, "mqtt5 listening", within)
+            }
+            BrokerKind::Mosquitto => {
+                let mut cmd = Command::new("mosquitto");
+                cmd.arg("-c").arg(self.dir.path().join("mosquitto.conf"));
+                spawn_until(cmd, "running", within)
+            }
+        });
+        if self.kind == BrokerKind::Dcs {
+            return;
+        }
+        // Mosquitto prints "running" just before it listens.
+        let deadline = Instant::now() + within;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the process abruptly (SIGKILL): everything it held is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// `mqtt://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A received message as a test sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Got {
+    /// Topic.
+    pub topic: String,
+    /// Payload as text (lossy).
+    pub payload: String,
+    /// Retain flag as delivered.
+    pub retain: bool,
+}
+
+/// An independent MQTT 3.1.1 client (rumqttc) that records what it receives.
+pub struct Observer {
+    /// For publishing.
+    pub client: rumqttc::AsyncClient,
+    rx: mpsc::UnboundedReceiver<Got>,
+    /// Received but not yet asked for, in arrival order.
+    pending: std::collections::VecDeque<Got>,
+}
+
+impl Observer {
+    /// Connects as [`USER`] to `port` and subscribes to `filters` (QoS 1).
+    pub async fn connect(port: u16, id: &str, filters: &[&str]) -> Observer {
+        let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(5)).set_credentials(USER, PASS);
+        let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+        for f in filters {
+            client.subscribe(*f, rumqttc::QoS::AtLeastOnce).await.expect("subscribe");
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                        let _ = tx.send(Got {
+                            topic: p.topic.clone(),
+                            payload: String::from_utf8_lossy(&p.payload).into_owned(),
+                            retain: p.retain,
+                        });
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        if tx.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        for _ in filters {
+            tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
+                .await
+                .expect("observer SUBACK");
+        }
+        Observer { client, rx, pending: Default::default() }
+    }
+
+    /// The next message on `topic` within `within`; messages on other topics stay
+    /// queued for later calls.
+    pub async fn next_on(&mut self, topic: &str, within: Duration) -> Option<Got> {
+        if let Some(i) = self.pending.iter().position(|g| g.topic == topic) {
+            return self.pending.remove(i);
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(g)) if g.topic == topic => return Some(g),
+                Ok(Some(g)) => self.pending.push_back(g),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Waits for a message on `topic` whose payload satisfies `pred`.
+    pub async fn wait_for(&mut self, topic: &str, within: Duration, pred: impl Fn(&str) -> bool) -> Option<Got> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_on(topic, left).await {
+                Some(g) if pred(&g.payload) => return Some(g),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    }
+
+    /// Publishes at QoS 1.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) {
+        self.client
+            .publish_bytes(topic, rumqttc::QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish");
+    }
+}
