@@ -127,7 +127,9 @@ pub fn number(payload: &[u8]) -> Result<f64, CommandError> {
 pub fn json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CommandError> {
     let t = text(payload)?;
     if t.is_empty() {
-        return Err(CommandError::new("payload must be a JSON object, got nothing"));
+        return Err(CommandError::new(
+            "payload must be a JSON object, got nothing",
+        ));
     }
     serde_json::from_str(t).map_err(|e| CommandError::new(format!("payload is not valid: {e}")))
 }
@@ -162,7 +164,10 @@ mod tests {
                 },
                 ["setv"] => number(payload).map(Cmd::SetV),
                 ["refresh"] => expect_empty(payload).map(|_| Cmd::Refresh),
-                _ => Err(CommandError::new(format!("unknown command `{}`", path.join("/")))),
+                _ => Err(CommandError::new(format!(
+                    "unknown command `{}`",
+                    path.join("/")
+                ))),
             }
         }
     }
@@ -186,21 +191,37 @@ mod tests {
         assert_eq!(parse::<Cmd>("dcs", &msg("julabo/cmd/switch", b"on")), None);
         assert_eq!(parse::<Cmd>("dcs", &msg("dcs/status", b"")), None);
         assert_eq!(parse::<Cmd>("dcs", &msg("dcsx/cmd/switch", b"")), None);
-        assert!(matches!(parse::<Cmd>("dcs", &msg("dcs/cmd", b"")), Some(Err(_))));
-        assert!(matches!(parse::<Cmd>("dcs", &msg("dcs/cmd//x", b"")), Some(Err(_))));
+        assert!(matches!(
+            parse::<Cmd>("dcs", &msg("dcs/cmd", b"")),
+            Some(Err(_))
+        ));
+        assert!(matches!(
+            parse::<Cmd>("dcs", &msg("dcs/cmd//x", b"")),
+            Some(Err(_))
+        ));
     }
 
     #[test]
     fn bad_payloads_are_explained() {
-        let e = parse::<Cmd>("dcs", &msg("dcs/cmd/setv", b"twelve")).unwrap().unwrap_err();
+        let e = parse::<Cmd>("dcs", &msg("dcs/cmd/setv", b"twelve"))
+            .unwrap()
+            .unwrap_err();
         assert_eq!(e.0, "payload must be a number, got `twelve`");
-        let e = parse::<Cmd>("dcs", &msg("dcs/cmd/setv", b"NaN")).unwrap().unwrap_err();
+        let e = parse::<Cmd>("dcs", &msg("dcs/cmd/setv", b"NaN"))
+            .unwrap()
+            .unwrap_err();
         assert!(e.0.contains("number"));
-        let e = parse::<Cmd>("dcs", &msg("dcs/cmd/switch", b"\xff\xfe")).unwrap().unwrap_err();
+        let e = parse::<Cmd>("dcs", &msg("dcs/cmd/switch", b"\xff\xfe"))
+            .unwrap()
+            .unwrap_err();
         assert_eq!(e.0, "payload is not UTF-8 text");
-        let e = parse::<Cmd>("dcs", &msg("dcs/cmd/refresh", b"now")).unwrap().unwrap_err();
+        let e = parse::<Cmd>("dcs", &msg("dcs/cmd/refresh", b"now"))
+            .unwrap()
+            .unwrap_err();
         assert!(e.0.contains("takes no payload"));
-        let e = parse::<Cmd>("dcs", &msg("dcs/cmd/explode", b"")).unwrap().unwrap_err();
+        let e = parse::<Cmd>("dcs", &msg("dcs/cmd/explode", b""))
+            .unwrap()
+            .unwrap_err();
         assert_eq!(e.0, "unknown command `explode`");
     }
 

@@ -75,7 +75,10 @@ pub fn load<T: DeserializeOwned + Validate>(path: &Path) -> Result<T, ConfigErro
 }
 
 /// Parses and validates YAML text; `origin` is only used in error messages.
-pub fn from_str<T: DeserializeOwned + Validate>(text: &str, origin: &Path) -> Result<T, ConfigError> {
+pub fn from_str<T: DeserializeOwned + Validate>(
+    text: &str,
+    origin: &Path,
+) -> Result<T, ConfigError> {
     let text = expand_env(text, origin, |name| std::env::var(name).ok())?;
     if text.trim().is_empty() {
         return Err(ConfigError {
@@ -151,8 +154,8 @@ pub fn expand_env(
                 Some((n, d)) => (n, Some(d)),
                 None => (expr, None),
             };
-            let valid = !name.is_empty()
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 return Err(ConfigError {
                     origin: origin.to_path_buf(),
@@ -230,8 +233,14 @@ mod tests {
         assert_eq!(err.key.as_deref(), Some("inner.port"));
         assert_eq!(err.line, Some(3));
         let text = err.to_string();
-        assert!(text.starts_with("test.yaml, line 3, key `inner.port`: "), "{text}");
-        assert!(text.contains("invalid value") || text.contains("invalid type"), "{text}");
+        assert!(
+            text.starts_with("test.yaml, line 3, key `inner.port`: "),
+            "{text}"
+        );
+        assert!(
+            text.contains("invalid value") || text.contains("invalid type"),
+            "{text}"
+        );
     }
 
     #[test]

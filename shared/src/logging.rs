@@ -15,7 +15,11 @@ pub fn init(default_level: &str) {
         .and_then(|spec| EnvFilter::try_new(spec).ok())
         // rumqttd logs every accept at info and every normal disconnect as a routing
         // "error"; keep its other warnings only.
-        .unwrap_or_else(|| EnvFilter::new(format!("{default_level},rumqttd=warn,rumqttd::router::routing=off")));
+        .unwrap_or_else(|| {
+            EnvFilter::new(format!(
+                "{default_level},rumqttd=warn,rumqttd::router::routing=off"
+            ))
+        });
     let json = std::env::var("DCS_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -180,7 +180,10 @@ impl MqttSettings {
             ));
         }
         if self.max_packet_size < 1024 {
-            return Err(("max_packet_size".into(), "must be at least 1024 bytes".into()));
+            return Err((
+                "max_packet_size".into(),
+                "must be at least 1024 bytes".into(),
+            ));
         }
         if self.password.is_some() && self.password_file.is_some() {
             return Err((
@@ -276,10 +279,22 @@ fn qos5(q: QoS) -> rumqttc::v5::mqttbytes::QoS {
 }
 
 impl Client {
-    async fn publish(&self, topic: &str, qos: QoS, retain: bool, payload: Bytes) -> Result<(), SessionError> {
+    async fn publish(
+        &self,
+        topic: &str,
+        qos: QoS,
+        retain: bool,
+        payload: Bytes,
+    ) -> Result<(), SessionError> {
         let r = match self {
-            Client::V4(c) => c.publish_bytes(topic, qos, retain, payload).await.map_err(|_| ()),
-            Client::V5(c) => c.publish_bytes(topic, qos5(qos), retain, payload).await.map_err(|_| ()),
+            Client::V4(c) => c
+                .publish_bytes(topic, qos, retain, payload)
+                .await
+                .map_err(|_| ()),
+            Client::V5(c) => c
+                .publish_bytes(topic, qos5(qos), retain, payload)
+                .await
+                .map_err(|_| ()),
         };
         r.map_err(|_| SessionError::Closed)
     }
@@ -334,9 +349,13 @@ impl Session {
         settings: &MqttSettings,
         options: SessionOptions,
     ) -> Result<(Session, mpsc::Receiver<SessionEvent>), SessionError> {
-        settings.check().map_err(|(k, m)| SessionError::Settings(format!("{k}: {m}")))?;
+        settings
+            .check()
+            .map_err(|(k, m)| SessionError::Settings(format!("{k}: {m}")))?;
         let (host, port) = settings.host_port().map_err(SessionError::Settings)?;
-        let password = settings.resolve_password().map_err(SessionError::Settings)?;
+        let password = settings
+            .resolve_password()
+            .map_err(SessionError::Settings)?;
         let will_topic = format!("{}/online", options.name);
         let keep_alive = Duration::from_secs(u64::from(settings.keep_alive_secs));
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
@@ -347,7 +366,12 @@ impl Session {
                 o.set_keep_alive(keep_alive)
                     .set_clean_session(options.clean_session)
                     .set_max_packet_size(settings.max_packet_size, settings.max_packet_size)
-                    .set_last_will(rumqttc::LastWill::new(&will_topic, "false", QoS::AtLeastOnce, true));
+                    .set_last_will(rumqttc::LastWill::new(
+                        &will_topic,
+                        "false",
+                        QoS::AtLeastOnce,
+                        true,
+                    ));
                 if let Some(user) = &settings.username {
                     o.set_credentials(user, password.clone().unwrap_or_default());
                 }
@@ -360,7 +384,13 @@ impl Session {
                 o.set_keep_alive(keep_alive)
                     .set_clean_start(options.clean_session)
                     .set_max_packet_size(u32::try_from(settings.max_packet_size).ok())
-                    .set_last_will(LastWill::new(&will_topic, "false", qos5(QoS::AtLeastOnce), true, None));
+                    .set_last_will(LastWill::new(
+                        &will_topic,
+                        "false",
+                        qos5(QoS::AtLeastOnce),
+                        true,
+                        None,
+                    ));
                 if !options.clean_session {
                     // MQTT 5 ends the session at disconnect unless an expiry is given.
                     o.set_session_expiry_interval(Some(u32::MAX));
@@ -382,7 +412,12 @@ impl Session {
             stopping: AtomicBool::new(false),
             driver: Mutex::new(None),
         });
-        let handle = tokio::spawn(drive(driver, inner.clone(), events_tx, settings.url.clone()));
+        let handle = tokio::spawn(drive(
+            driver,
+            inner.clone(),
+            events_tx,
+            settings.url.clone(),
+        ));
         if let Ok(mut d) = inner.driver.lock() {
             *d = Some(handle);
         }
@@ -412,7 +447,10 @@ impl Session {
         qos: QoS,
         retain: bool,
     ) -> Result<(), SessionError> {
-        self.inner.client.publish(topic, qos, retain, payload.into()).await
+        self.inner
+            .client
+            .publish(topic, qos, retain, payload.into())
+            .await
     }
 
     /// Publishes retained state (QoS 1) and remembers it, so that it is published again
@@ -423,7 +461,12 @@ impl Session {
         if let Ok(mut r) = self.inner.retained.lock() {
             r.insert(topic.to_string(), payload.clone());
         }
-        if self.is_connected() && !self.inner.client.try_publish(topic, QoS::AtLeastOnce, true, payload) {
+        if self.is_connected()
+            && !self
+                .inner
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, true, payload)
+        {
             tracing::debug!(topic, "request queue full; state will be sent on reconnect");
         }
     }
@@ -452,7 +495,12 @@ impl Session {
         }
         self.inner
             .client
-            .publish(&self.topic("reply"), QoS::AtLeastOnce, false, payload.clone())
+            .publish(
+                &self.topic("reply"),
+                QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+            )
             .await?;
         if let (Some(rt), Client::V5(c)) = (&command.response_topic, &self.inner.client) {
             let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
@@ -473,14 +521,22 @@ impl Session {
             let _ = self
                 .inner
                 .client
-                .publish(&self.topic("online"), QoS::AtLeastOnce, true, Bytes::from_static(b"false"))
+                .publish(
+                    &self.topic("online"),
+                    QoS::AtLeastOnce,
+                    true,
+                    Bytes::from_static(b"false"),
+                )
                 .await;
         }
         self.inner.stopping.store(true, Ordering::SeqCst);
         self.inner.client.disconnect().await;
         let handle = self.inner.driver.lock().ok().and_then(|mut d| d.take());
         if let Some(h) = handle {
-            if tokio::time::timeout(Duration::from_secs(2), h).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(2), h)
+                .await
+                .is_err()
+            {
                 tracing::warn!("MQTT session did not close within 2 s");
             }
         }
@@ -494,8 +550,15 @@ impl Inner {
         let inner = self.clone();
         tokio::spawn(async move {
             let birth = format!("{}/online", inner.name);
-            let _ = inner.client.publish(&birth, QoS::AtLeastOnce, true, Bytes::from_static(b"true")).await;
-            let subs = inner.subscriptions.lock().map(|s| s.clone()).unwrap_or_default();
+            let _ = inner
+                .client
+                .publish(&birth, QoS::AtLeastOnce, true, Bytes::from_static(b"true"))
+                .await;
+            let subs = inner
+                .subscriptions
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default();
             for (filter, qos) in subs {
                 if inner.client.subscribe(&filter, qos).await.is_err() {
                     return;
@@ -503,7 +566,12 @@ impl Inner {
             }
             let state = inner.retained.lock().map(|r| r.clone()).unwrap_or_default();
             for (topic, payload) in state {
-                if inner.client.publish(&topic, QoS::AtLeastOnce, true, payload).await.is_err() {
+                if inner
+                    .client
+                    .publish(&topic, QoS::AtLeastOnce, true, payload)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -529,18 +597,21 @@ impl DriverLoop {
         match self {
             DriverLoop::V4(el) => match el.poll().await {
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => Step::ConnAck,
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => Step::Publish(Message {
-                    topic: p.topic,
-                    payload: p.payload,
-                    retain: p.retain,
-                    response_topic: None,
-                    correlation_data: None,
-                }),
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    Step::Publish(Message {
+                        topic: p.topic,
+                        payload: p.payload,
+                        retain: p.retain,
+                        response_topic: None,
+                        correlation_data: None,
+                    })
+                }
                 Ok(_) => Step::Other,
                 Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
                     let auth = matches!(
                         code,
-                        rumqttc::ConnectReturnCode::BadUserNamePassword | rumqttc::ConnectReturnCode::NotAuthorized
+                        rumqttc::ConnectReturnCode::BadUserNamePassword
+                            | rumqttc::ConnectReturnCode::NotAuthorized
                     );
                     Step::Failed(format!("broker refused the connection: {code:?}"), auth)
                 }
@@ -564,7 +635,8 @@ impl DriverLoop {
                     Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
                         let auth = matches!(
                             code,
-                            ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized
+                            ConnectReturnCode::BadUserNamePassword
+                                | ConnectReturnCode::NotAuthorized
                         );
                         Step::Failed(format!("broker refused the connection: {code:?}"), auth)
                     }
@@ -575,7 +647,12 @@ impl DriverLoop {
     }
 }
 
-async fn drive(mut el: DriverLoop, inner: Arc<Inner>, events: mpsc::Sender<SessionEvent>, url: String) {
+async fn drive(
+    mut el: DriverLoop,
+    inner: Arc<Inner>,
+    events: mpsc::Sender<SessionEvent>,
+    url: String,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut last_error = String::new();
     loop {
@@ -604,14 +681,18 @@ async fn drive(mut el: DriverLoop, inner: Arc<Inner>, events: mpsc::Sender<Sessi
                 }
                 let was_connected = inner.connected.swap(false, Ordering::SeqCst);
                 // rumqttd closes the socket on a refused login, with no CONNACK code.
-                let reason = if auth || (!was_connected && reason.contains("I/O") && backoff.attempts() > 0) {
+                let reason = if auth
+                    || (!was_connected && reason.contains("I/O") && backoff.attempts() > 0)
+                {
                     format!("{reason} (check the MQTT username and password)")
                 } else {
                     reason
                 };
                 if was_connected || reason != last_error {
                     tracing::warn!(broker = %url, error = %reason, "MQTT connection lost; retrying with backoff");
-                    let _ = events.send(SessionEvent::Disconnected(reason.clone())).await;
+                    let _ = events
+                        .send(SessionEvent::Disconnected(reason.clone()))
+                        .await;
                     last_error = reason;
                 }
                 tokio::time::sleep(backoff.next_delay()).await;
@@ -631,14 +712,22 @@ mod tests {
 
     #[test]
     fn urls() {
-        let hp = |u: &str| MqttSettings { url: u.into(), ..Default::default() }.host_port();
+        let hp = |u: &str| {
+            MqttSettings {
+                url: u.into(),
+                ..Default::default()
+            }
+            .host_port()
+        };
         assert_eq!(hp("mqtt://127.0.0.1:1883"), Ok(("127.0.0.1".into(), 1883)));
         assert_eq!(hp("tcp://broker:1884/"), Ok(("broker".into(), 1884)));
         assert_eq!(hp("localhost:7"), Ok(("localhost".into(), 7)));
         assert_eq!(hp("mqtt://[::1]:1883"), Ok(("::1".into(), 1883)));
         assert!(hp("mqtt://host").unwrap_err().contains("no port"));
         assert!(hp("mqtt://host:99999").unwrap_err().contains("not a port"));
-        assert!(hp("ws://host:1").unwrap_err().contains("unsupported scheme"));
+        assert!(hp("ws://host:1")
+            .unwrap_err()
+            .contains("unsupported scheme"));
         assert!(hp("mqtt://:1").unwrap_err().contains("no host"));
     }
 
@@ -664,9 +753,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("pw");
         std::fs::write(&f, "s3cret\nignored\n").unwrap();
-        let s = MqttSettings { password_file: Some(f), ..Default::default() };
+        let s = MqttSettings {
+            password_file: Some(f),
+            ..Default::default()
+        };
         assert_eq!(s.resolve_password().unwrap().as_deref(), Some("s3cret"));
-        let s = MqttSettings { password_file: Some(dir.path().join("none")), ..Default::default() };
-        assert!(s.resolve_password().unwrap_err().contains("cannot read MQTT password file"));
+        let s = MqttSettings {
+            password_file: Some(dir.path().join("none")),
+            ..Default::default()
+        };
+        assert!(s
+            .resolve_password()
+            .unwrap_err()
+            .contains("cannot read MQTT password file"));
     }
 }

@@ -42,7 +42,11 @@ impl UtcNanos {
 impl fmt::Display for UtcNanos {
     /// RFC 3339 with nanoseconds: `2026-11-22T04:51:31.123456789Z`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_rfc3339_nanos(self.as_system_time()))
+        write!(
+            f,
+            "{}",
+            humantime::format_rfc3339_nanos(self.as_system_time())
+        )
     }
 }
 

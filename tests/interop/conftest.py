@@ -366,7 +366,7 @@ class PahoClient:
     def __init__(self, broker: Broker, *, client_id: str | None = None, protocol=mqtt.MQTTv311,
                  transport: str = "tcp", port: int | None = None, username: str | None = "default",
                  password: str | None = "default", clean_session: bool | None = True,
-                 will: dict | None = None):
+                 will: dict | None = None, ws_path: str | None = None):
         self.broker = broker
         self.client_id = client_id or unique("paho")
         self.protocol = protocol
@@ -387,12 +387,15 @@ class PahoClient:
             self.client.username_pw_set(username, password)
         if will:
             self.client.will_set(**will)
+        if ws_path is not None:
+            self.client.ws_set_options(path=ws_path)
         self.messages: queue.Queue = queue.Queue()
         self.connack: queue.Queue = queue.Queue()
         self.subacks: dict[int, threading.Event] = {}
         self.granted: dict[int, list] = {}
         self.disconnected = threading.Event()
         self.connected_ok = threading.Event()
+        self.settled = threading.Event()  # CONNACK received or connection lost
         c = self.client
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
@@ -404,9 +407,11 @@ class PahoClient:
         if not reason_code.is_failure:
             self.connected_ok.set()
         self.connack.put((flags, reason_code))
+        self.settled.set()
 
     def _on_disconnect(self, _c, _u, _flags, reason_code, _props):
         self.disconnected.set()
+        self.settled.set()
 
     def _on_subscribe(self, _c, _u, mid, reason_codes, _props):
         with self._lock:
@@ -428,7 +433,9 @@ class PahoClient:
             return False
         self.client.loop_start()
         if not expect_ok:
-            return self.connected_ok.wait(timeout)
+            # A refusal is a socket close (rumqttd sends no CONNACK): stop waiting at it.
+            self.settled.wait(timeout)
+            return self.connected_ok.is_set()
         try:
             flags, rc = self.connack.get(timeout=timeout)
         except queue.Empty:

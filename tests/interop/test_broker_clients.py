@@ -313,12 +313,14 @@ def test_mqtt5_request_response(broker, paho):
 # ----------------------------------------------------------------- 7. websocket
 
 
-def test_websocket_round_trip(broker, paho):
+@pytest.mark.parametrize("path", ["/mqtt", "/", "/any/path"])
+def test_websocket_round_trip(broker, paho, path):
+    """paho's default path is /mqtt; the listener ignores the path."""
     topic = unique("ws") + "/t"
-    sub = paho(broker, transport="websockets")
+    sub = paho(broker, transport="websockets", ws_path=path)
     sub.connect()
     sub.subscribe(topic, qos=1)
-    pub = paho(broker, transport="websockets")
+    pub = paho(broker, transport="websockets", ws_path=path)
     pub.connect()
     pub.publish(topic, b"over-ws", qos=1)
     m = sub.get()
@@ -508,16 +510,32 @@ def test_garbage_on_websocket_port_closed(broker, paho):
     assert broker.alive()
 
 
-def test_idle_socket_on_websocket_port_blocks_new_clients(broker, paho):
+@pytest.mark.xfail(strict=True, reason=(
+    "rumqttd 0.20 awaits the websocket HTTP upgrade inside its accept loop with no "
+    "timeout (server/broker.rs: accept_hdr_async(...).await before task::spawn), so one "
+    "TCP connection that never completes the upgrade keeps every new websocket client "
+    "out until it closes; connection_timeout_ms does not apply"))
+@pytest.mark.parametrize("opener", [b"", b"GET /mqtt HTTP/1.1\r\nHost: x\r\n"], ids=["silent", "partial_upgrade"])
+def test_idle_socket_on_websocket_port_does_not_block_new_clients(broker, paho, opener):
     """One TCP connection to the websocket port that never completes the HTTP upgrade
-    must not keep other websocket clients out."""
+    must not keep other websocket clients out (the TCP listeners pass the same check in
+    test_garbage_on_mqtt_port)."""
     idle = socket.create_connection((HOST, broker.ws_port), timeout=5)
     try:
+        if opener:
+            idle.sendall(opener)
         c = paho(broker, transport="websockets")
         ok = c.connect(expect_ok=False, timeout=8)
         assert ok, "websocket client could not connect while an idle socket is open"
     finally:
         idle.close()
+
+
+def test_websocket_recovers_after_idle_socket_closes(broker, paho):
+    """The flip side of the xfail above: once the idle socket is gone, ws works again."""
+    idle = socket.create_connection((HOST, broker.ws_port), timeout=5)
+    idle.close()
+    round_trip(paho, broker, transport="websockets")
 
 
 # ----------------------------------------------------------------- 12. bad configs
@@ -535,12 +553,19 @@ def _ports_block() -> str:
     return f"listeners:\n  mqtt: {HOST}:{free_port()}\n  mqtt5: null\n  websocket: null\n"
 
 
-def test_config_broken_yaml(tmp_path):
-    cfg = _write_cfg(tmp_path, _ports_block() + "auth:\n  password_file: users.passwd\nlimits: [1, 2\n")
+@pytest.mark.parametrize("body,line,words", [
+    ("auth:\n\tpassword_file: users.passwd\n", 6, "found character that cannot start any token"),
+    ("auth:\n  password_file: users.passwd\n password_file: x\n", 7, "did not find expected key"),
+    ("auth: {password_file: users.passwd\n", 6, "did not find expected ',' or '}'"),
+], ids=["tab_indent", "bad_indent", "unclosed_brace"])
+def test_config_broken_yaml(tmp_path, body, line, words):
+    cfg = _write_cfg(tmp_path, _ports_block() + body)
     r = run_broker_bin(["--config", str(cfg)])
     assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "broker.yaml" in r.stderr
-    assert "line 5" in r.stderr, r.stderr
+    assert str(cfg) in r.stderr, r.stderr
+    assert f"line {line}" in r.stderr, r.stderr
+    assert words in r.stderr, r.stderr
+    assert r.stdout == ""
 
 
 def test_config_unknown_key(tmp_path):
@@ -548,7 +573,8 @@ def test_config_unknown_key(tmp_path):
     r = run_broker_bin(["--config", str(cfg)])
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "unknown field `max_conections`" in r.stderr, r.stderr
-    assert "line 7" in r.stderr, r.stderr
+    assert "line 8" in r.stderr, r.stderr
+    assert "key `limits.max_conections`" in r.stderr, r.stderr
     assert "max_connections" in r.stderr  # lists the valid ones
 
 
@@ -628,7 +654,7 @@ def test_config_segment_smaller_than_payload(tmp_path):
                      "limits:\n  max_payload_size: 2048\n  segment_size: 1024\n")
     r = run_broker_bin(["--config", str(cfg)])
     assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "limits.segment_size" in r.stderr and "line 8" in r.stderr, r.stderr
+    assert "key `limits.segment_size`" in r.stderr and "line 9" in r.stderr, r.stderr
 
 
 def test_config_file_missing(tmp_path):

@@ -30,19 +30,31 @@ pub fn free_port() -> u16 {
 
 /// Path of one of the workspace's binaries.
 pub fn bin(name: &str) -> PathBuf {
-    let dir = std::env::var_os("DCS_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        // target/<profile>/deps/<test-exe> -> target/<profile>
-        let exe = std::env::current_exe().expect("current_exe");
-        exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
-    });
+    let dir = std::env::var_os("DCS_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            // target/<profile>/deps/<test-exe> -> target/<profile>
+            let exe = std::env::current_exe().expect("current_exe");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_path_buf()
+        });
     let p = dir.join(name);
-    assert!(p.exists(), "{} not built: run `cargo build --workspace` first", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace` first",
+        p.display()
+    );
     p
 }
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -89,11 +101,19 @@ impl Drop for Proc {
 /// Starts `cmd` and waits until its stdout or stderr shows `ready` (a substring), or
 /// panics with what it printed.
 pub fn spawn_until(mut cmd: Command, ready: &str, within: Duration) -> Proc {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    fn pump(r: impl Read + Send + 'static, tx: std::sync::mpsc::Sender<String>, keep: Option<std::sync::Arc<std::sync::Mutex<String>>>) {
+    fn pump(
+        r: impl Read + Send + 'static,
+        tx: std::sync::mpsc::Sender<String>,
+        keep: Option<std::sync::Arc<std::sync::Mutex<String>>>,
+    ) {
         std::thread::spawn(move || {
             for line in BufReader::new(r).lines().map_while(Result::ok) {
                 if let Some(k) = &keep {
@@ -107,7 +127,11 @@ pub fn spawn_until(mut cmd: Command, ready: &str, within: Duration) -> Proc {
         });
     }
     pump(child.stdout.take().expect("stdout"), tx.clone(), None);
-    pump(child.stderr.take().expect("stderr"), tx, Some(stderr.clone()));
+    pump(
+        child.stderr.take().expect("stderr"),
+        tx,
+        Some(stderr.clone()),
+    );
     let deadline = Instant::now() + within;
     let mut seen = String::new();
     loop {
@@ -160,16 +184,32 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker that requires [`USER`]/[`PASS`].
     pub fn start(kind: BrokerKind) -> Broker {
+        Self::start_with(kind, "")
+    }
+
+    /// Like [`Broker::start`]; `dcs_limits` is the YAML body of `limits:` for dcs-broker
+    /// (`"{segment_size: 104857600}"`), ignored for Mosquitto.
+    pub fn start_with(kind: BrokerKind, dcs_limits: &str) -> Broker {
+        let limits = if dcs_limits.is_empty() {
+            String::new()
+        } else {
+            format!("limits: {dcs_limits}\n")
+        };
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("users.passwd"), format!("{PASSWD_LINE}\n")).expect("passwd");
+        std::fs::write(dir.path().join("users.passwd"), format!("{PASSWD_LINE}\n"))
+            .expect("passwd");
         let port = free_port();
-        let port5 = if kind == BrokerKind::Dcs { free_port() } else { port };
+        let port5 = if kind == BrokerKind::Dcs {
+            free_port()
+        } else {
+            port
+        };
         match kind {
             BrokerKind::Dcs => std::fs::write(
                 dir.path().join("broker.yaml"),
                 format!(
                     "listeners: {{mqtt: 127.0.0.1:{port}, mqtt5: 127.0.0.1:{port5}, websocket: null}}\n\
-                     auth: {{password_file: users.passwd}}\nmeters_interval_secs: 0\n"
+                     auth: {{password_file: users.passwd}}\nmeters_interval_secs: 0\n{limits}"
                 ),
             ),
             BrokerKind::Mosquitto => std::fs::write(
@@ -181,7 +221,13 @@ impl Broker {
             ),
         }
         .expect("config");
-        let mut b = Broker { kind, port, port5, dir, proc: None };
+        let mut b = Broker {
+            kind,
+            port,
+            port5,
+            dir,
+            proc: None,
+        };
         b.restart();
         b
     }
@@ -206,9 +252,16 @@ impl Broker {
         }
         // Mosquitto prints "running" just before it listens.
         let deadline = Instant::now() + within;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() && Instant::now() < deadline {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Process id of the running broker.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
     }
 
     /// Kills the process abruptly (SIGKILL): everything it held is gone.
@@ -247,11 +300,26 @@ pub struct Observer {
 impl Observer {
     /// Connects as [`USER`] to `port` and subscribes to `filters` (QoS 1).
     pub async fn connect(port: u16, id: &str, filters: &[&str]) -> Observer {
+        Self::connect_as(port, id, USER, PASS, filters).await
+    }
+
+    /// Connects with the given credentials and subscribes to `filters` (QoS 1).
+    pub async fn connect_as(
+        port: u16,
+        id: &str,
+        user: &str,
+        pass: &str,
+        filters: &[&str],
+    ) -> Observer {
         let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(5)).set_credentials(USER, PASS);
+        o.set_keep_alive(Duration::from_secs(5))
+            .set_credentials(user, pass);
         let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
         for f in filters {
-            client.subscribe(*f, rumqttc::QoS::AtLeastOnce).await.expect("subscribe");
+            client
+                .subscribe(*f, rumqttc::QoS::AtLeastOnce)
+                .await
+                .expect("subscribe");
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
@@ -283,7 +351,11 @@ impl Observer {
                 .await
                 .expect("observer SUBACK");
         }
-        Observer { client, rx, pending: Default::default() }
+        Observer {
+            client,
+            rx,
+            pending: Default::default(),
+        }
     }
 
     /// The next message on `topic` within `within`; messages on other topics stay
@@ -303,7 +375,12 @@ impl Observer {
     }
 
     /// Waits for a message on `topic` whose payload satisfies `pred`.
-    pub async fn wait_for(&mut self, topic: &str, within: Duration, pred: impl Fn(&str) -> bool) -> Option<Got> {
+    pub async fn wait_for(
+        &mut self,
+        topic: &str,
+        within: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<Got> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());

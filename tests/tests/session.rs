@@ -22,7 +22,10 @@ fn settings(url: String, version: MqttVersion) -> MqttSettings {
     }
 }
 
-async fn next_event(events: &mut Receiver<SessionEvent>, want: fn(&SessionEvent) -> bool) -> SessionEvent {
+async fn next_event(
+    events: &mut Receiver<SessionEvent>,
+    want: fn(&SessionEvent) -> bool,
+) -> SessionEvent {
     tokio::time::timeout(WAIT, async {
         loop {
             let ev = events.recv().await.expect("session ended");
@@ -38,14 +41,21 @@ async fn next_event(events: &mut Receiver<SessionEvent>, want: fn(&SessionEvent)
 async fn recovers_after_broker_restart(kind: BrokerKind) {
     let mut broker = Broker::start(kind);
     let options = SessionOptions::new("svc").subscribe("svc/cmd/#", QoS::AtLeastOnce);
-    let (session, mut events) = Session::start(&settings(broker.url(), MqttVersion::V311), options).unwrap();
+    let (session, mut events) =
+        Session::start(&settings(broker.url(), MqttVersion::V311), options).unwrap();
     next_event(&mut events, |e| *e == SessionEvent::Connected).await;
     session.publish_state("svc/status", "LV_ON");
 
     let mut obs = Observer::connect(broker.port, "obs1", &["svc/#"]).await;
-    let online = obs.next_on("svc/online", WAIT).await.expect("birth message");
+    let online = obs
+        .next_on("svc/online", WAIT)
+        .await
+        .expect("birth message");
     assert_eq!(online.payload, "true");
-    let status = obs.wait_for("svc/status", WAIT, |p| p == "LV_ON").await.expect("state");
+    let status = obs
+        .wait_for("svc/status", WAIT, |p| p == "LV_ON")
+        .await
+        .expect("state");
     assert!(status.retain, "state is published retained");
     drop(obs);
 
@@ -60,30 +70,48 @@ async fn recovers_after_broker_restart(kind: BrokerKind) {
 
     // The session restores the birth and the latest state...
     let mut obs = Observer::connect(broker.port, "obs2", &["svc/#"]).await;
-    obs.wait_for("svc/status", WAIT, |p| p == "LV_OFF").await.expect("state republished");
-    obs.wait_for("svc/online", WAIT, |p| p == "true").await.expect("birth republished");
+    obs.wait_for("svc/status", WAIT, |p| p == "LV_OFF")
+        .await
+        .expect("state republished");
+    obs.wait_for("svc/online", WAIT, |p| p == "true")
+        .await
+        .expect("birth republished");
     // ...as retained messages: a subscriber arriving later gets them from the broker.
     let mut late = Observer::connect(broker.port, "obs2b", &["svc/#"]).await;
-    let g = late.next_on("svc/status", WAIT).await.expect("retained state");
+    let g = late
+        .next_on("svc/status", WAIT)
+        .await
+        .expect("retained state");
     assert_eq!((g.payload.as_str(), g.retain), ("LV_OFF", true));
-    let g = late.next_on("svc/online", WAIT).await.expect("retained birth");
+    let g = late
+        .next_on("svc/online", WAIT)
+        .await
+        .expect("retained birth");
     assert_eq!((g.payload.as_str(), g.retain), ("true", true));
     drop(late);
 
     // And the session re-subscribed: a command reaches it.
     obs.publish("svc/cmd/refresh", "").await;
-    let SessionEvent::Message(m) = next_event(&mut events, |e| matches!(e, SessionEvent::Message(_))).await else {
+    let SessionEvent::Message(m) =
+        next_event(&mut events, |e| matches!(e, SessionEvent::Message(_))).await
+    else {
         unreachable!()
     };
     assert_eq!(m.topic, "svc/cmd/refresh");
 
     // A clean shutdown leaves `online = false` retained.
     session.shutdown().await;
-    let g = obs.wait_for("svc/online", WAIT, |p| p == "false").await.expect("offline on shutdown");
+    let g = obs
+        .wait_for("svc/online", WAIT, |p| p == "false")
+        .await
+        .expect("offline on shutdown");
     assert!(!g.payload.is_empty());
     drop(obs);
     let mut late = Observer::connect(broker.port, "obs3", &["svc/online"]).await;
-    let g = late.next_on("svc/online", WAIT).await.expect("retained offline");
+    let g = late
+        .next_on("svc/online", WAIT)
+        .await
+        .expect("retained offline");
     assert_eq!((g.payload.as_str(), g.retain), ("false", true));
 }
 
@@ -106,8 +134,11 @@ fn last_will_on_abrupt_disconnect() {
     let observer_rt = tokio::runtime::Runtime::new().unwrap();
     let mut obs = observer_rt.block_on(Observer::connect(broker.port, "obs", &["dying/online"]));
     rt.block_on(async {
-        let (_session, mut events) =
-            Session::start(&settings(broker.url(), MqttVersion::V311), SessionOptions::new("dying")).unwrap();
+        let (_session, mut events) = Session::start(
+            &settings(broker.url(), MqttVersion::V311),
+            SessionOptions::new("dying"),
+        )
+        .unwrap();
         next_event(&mut events, |e| *e == SessionEvent::Connected).await;
     });
     observer_rt.block_on(async {
@@ -125,17 +156,25 @@ async fn v5_reply(kind: BrokerKind) {
     let broker = Broker::start(kind);
     let url5 = format!("mqtt://127.0.0.1:{}", broker.port5);
     let options = SessionOptions::new("svc5").subscribe("svc5/cmd/#", QoS::AtLeastOnce);
-    let (session, mut events) = Session::start(&settings(url5.clone(), MqttVersion::V5), options).unwrap();
+    let (session, mut events) =
+        Session::start(&settings(url5.clone(), MqttVersion::V5), options).unwrap();
     next_event(&mut events, |e| *e == SessionEvent::Connected).await;
 
     // An MQTT 5 requester with response topic and correlation data.
     use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
     use rumqttc::v5::mqttbytes::QoS as Q5;
     let mut o = rumqttc::v5::MqttOptions::new("requester", "127.0.0.1", broker.port5);
-    o.set_keep_alive(Duration::from_secs(5)).set_credentials(USER, PASS);
+    o.set_keep_alive(Duration::from_secs(5))
+        .set_credentials(USER, PASS);
     let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 10);
-    client.subscribe("answers/#", Q5::AtLeastOnce).await.unwrap();
-    client.subscribe("svc5/reply", Q5::AtLeastOnce).await.unwrap();
+    client
+        .subscribe("answers/#", Q5::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .subscribe("svc5/reply", Q5::AtLeastOnce)
+        .await
+        .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(ev) = el.poll().await {
@@ -151,7 +190,13 @@ async fn v5_reply(kind: BrokerKind) {
         }
     });
     for _ in 0..2 {
-        assert_eq!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap(), None);
+        assert_eq!(
+            tokio::time::timeout(WAIT, rx.recv())
+                .await
+                .unwrap()
+                .unwrap(),
+            None
+        );
     }
     let props = PublishProperties {
         response_topic: Some("answers/42".into()),
@@ -163,24 +208,40 @@ async fn v5_reply(kind: BrokerKind) {
         .await
         .unwrap();
 
-    let SessionEvent::Message(cmd) = next_event(&mut events, |e| matches!(e, SessionEvent::Message(_))).await else {
+    let SessionEvent::Message(cmd) =
+        next_event(&mut events, |e| matches!(e, SessionEvent::Message(_))).await
+    else {
         unreachable!()
     };
     assert_eq!(cmd.response_topic.as_deref(), Some("answers/42"));
-    session.reply(&cmd, &Reply::ok(&cmd.topic, "IDLE")).await.unwrap();
+    session
+        .reply(&cmd, &Reply::ok(&cmd.topic, "IDLE"))
+        .await
+        .unwrap();
 
     let mut on_reply_topic = None;
     let mut on_response_topic = None;
     while on_reply_topic.is_none() || on_response_topic.is_none() {
-        let p = tokio::time::timeout(WAIT, rx.recv()).await.expect("replies").unwrap().unwrap();
+        let p = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("replies")
+            .unwrap()
+            .unwrap();
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
-        assert_eq!(body, serde_json::json!({"topic": "svc5/cmd/refresh", "ok": true, "state": "IDLE"}));
+        assert_eq!(
+            body,
+            serde_json::json!({"topic": "svc5/cmd/refresh", "ok": true, "state": "IDLE"})
+        );
         match topic.as_str() {
             "svc5/reply" => on_reply_topic = Some(()),
             "answers/42" => {
                 let corr = p.properties.and_then(|pr| pr.correlation_data);
-                assert_eq!(corr.as_deref(), Some(&b"\x00req-42"[..]), "correlation data echoed");
+                assert_eq!(
+                    corr.as_deref(),
+                    Some(&b"\x00req-42"[..]),
+                    "correlation data echoed"
+                );
                 on_response_topic = Some(());
             }
             other => panic!("unexpected topic {other}"),
@@ -206,7 +267,9 @@ async fn wrong_password_is_reported_and_retried() {
     s.password = Some("wrong".into());
     let (session, mut events) = Session::start(&s, SessionOptions::new("bad")).unwrap();
     let ev = next_event(&mut events, |e| matches!(e, SessionEvent::Disconnected(_))).await;
-    let SessionEvent::Disconnected(why) = ev else { unreachable!() };
+    let SessionEvent::Disconnected(why) = ev else {
+        unreachable!()
+    };
     assert!(why.contains("username and password"), "{why}");
     assert!(!session.is_connected());
 }
@@ -215,10 +278,20 @@ async fn wrong_password_is_reported_and_retried() {
 fn unusable_settings_are_refused_up_front() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _g = rt.enter();
-    let s = MqttSettings { keep_alive_secs: 0, ..Default::default() };
-    let err = Session::start(&s, SessionOptions::new("x")).err().expect("refused");
+    let s = MqttSettings {
+        keep_alive_secs: 0,
+        ..Default::default()
+    };
+    let err = Session::start(&s, SessionOptions::new("x"))
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("keep_alive_secs"), "{err}");
-    let s = MqttSettings { url: "mqtt://nohost".into(), ..Default::default() };
-    let err = Session::start(&s, SessionOptions::new("x")).err().expect("refused");
+    let s = MqttSettings {
+        url: "mqtt://nohost".into(),
+        ..Default::default()
+    };
+    let err = Session::start(&s, SessionOptions::new("x"))
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("no port"), "{err}");
 }

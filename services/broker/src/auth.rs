@@ -14,8 +14,15 @@ use sha2::{Digest, Sha512};
 /// One stored credential.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Hash {
-    Pbkdf2Sha512 { iterations: u32, salt: Vec<u8>, hash: Vec<u8> },
-    Sha512 { salt: Vec<u8>, hash: Vec<u8> },
+    Pbkdf2Sha512 {
+        iterations: u32,
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
+    Sha512 {
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
 }
 
 /// The users of a password file.
@@ -69,9 +76,10 @@ impl PasswordFile {
             if line.trim().is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (user, hash) = line
-                .split_once(':')
-                .ok_or((i + 1, "expected `user:hash` (create entries with mosquitto_passwd)".to_string()))?;
+            let (user, hash) = line.split_once(':').ok_or((
+                i + 1,
+                "expected `user:hash` (create entries with mosquitto_passwd)".to_string(),
+            ))?;
             if user.is_empty() {
                 return Err((i + 1, "empty username".into()));
             }
@@ -94,7 +102,11 @@ impl PasswordFile {
     /// Whether `password` is right for `user`. Unknown users take as long as known ones.
     pub fn verify(&self, user: &str, password: &str) -> bool {
         match self.users.get(user) {
-            Some(Hash::Pbkdf2Sha512 { iterations, salt, hash }) => {
+            Some(Hash::Pbkdf2Sha512 {
+                iterations,
+                salt,
+                hash,
+            }) => {
                 let mut out = vec![0u8; hash.len()];
                 pbkdf2::pbkdf2_hmac::<Sha512>(password.as_bytes(), salt, *iterations, &mut out);
                 constant_time_eq(&out, hash)
@@ -157,7 +169,11 @@ pub fn hash_entry(user: &str, password: &str) -> String {
     rand::thread_rng().fill_bytes(&mut salt);
     let mut out = [0u8; 64];
     pbkdf2::pbkdf2_hmac::<Sha512>(password.as_bytes(), &salt, 101, &mut out);
-    format!("{user}:$7$101${}${}", STANDARD.encode(salt), STANDARD.encode(out))
+    format!(
+        "{user}:$7$101${}${}",
+        STANDARD.encode(salt),
+        STANDARD.encode(out)
+    )
 }
 
 #[cfg(test)]
@@ -189,7 +205,11 @@ mod tests {
         let mut d = Sha512::new();
         d.update(b"pw");
         d.update(salt);
-        let line = format!("u:$6${}${}", STANDARD.encode(salt), STANDARD.encode(d.finalize()));
+        let line = format!(
+            "u:$6${}${}",
+            STANDARD.encode(salt),
+            STANDARD.encode(d.finalize())
+        );
         assert!(PasswordFile::parse(&line).unwrap().verify("u", "pw"));
     }
 

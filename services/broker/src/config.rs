@@ -78,10 +78,14 @@ impl Default for Listeners {
 impl Listeners {
     /// The configured listeners as (kind, address).
     pub fn all(&self) -> Vec<(&'static str, SocketAddr)> {
-        [("mqtt", self.mqtt), ("mqtt5", self.mqtt5), ("websocket", self.websocket)]
-            .into_iter()
-            .filter_map(|(k, a)| a.map(|a| (k, a)))
-            .collect()
+        [
+            ("mqtt", self.mqtt),
+            ("mqtt5", self.mqtt5),
+            ("websocket", self.websocket),
+        ]
+        .into_iter()
+        .filter_map(|(k, a)| a.map(|a| (k, a)))
+        .collect()
     }
 }
 
@@ -172,7 +176,10 @@ impl Validate for BrokerConfig {
         }
         for (i, (k, a)) in listeners.iter().enumerate() {
             if listeners[..i].iter().any(|(_, b)| b == a) {
-                return Err((format!("listeners.{k}"), format!("{a} is used by two listeners")));
+                return Err((
+                    format!("listeners.{k}"),
+                    format!("{a} is used by two listeners"),
+                ));
             }
         }
         if !self.auth.allow_anonymous && self.auth.password_file.is_none() {
@@ -239,7 +246,8 @@ mod tests {
 
     #[test]
     fn bad_listener_address_names_key_and_line() {
-        let e = parse("auth: {allow_anonymous: true}\nlisteners:\n  mqtt: localhost\n").unwrap_err();
+        let e =
+            parse("auth: {allow_anonymous: true}\nlisteners:\n  mqtt: localhost\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("listeners.mqtt"));
         assert_eq!(e.line, Some(3));
         assert!(e.message.contains("invalid socket address"), "{e}");
@@ -249,8 +257,10 @@ mod tests {
     fn listener_can_be_disabled_and_duplicates_refused() {
         let c = parse("auth: {allow_anonymous: true}\nlisteners: {websocket: null}\n").unwrap();
         assert_eq!(c.listeners.all().len(), 2);
-        let e = parse("auth: {allow_anonymous: true}\nlisteners: {mqtt: 127.0.0.1:1, mqtt5: 127.0.0.1:1}\n")
-            .unwrap_err();
+        let e = parse(
+            "auth: {allow_anonymous: true}\nlisteners: {mqtt: 127.0.0.1:1, mqtt5: 127.0.0.1:1}\n",
+        )
+        .unwrap_err();
         assert!(e.message.contains("used by two listeners"), "{e}");
     }
 
@@ -259,7 +269,8 @@ mod tests {
         let e = parse("auth: {allow_anonymous: true}\nlimits:\n  segment_count: 1\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("limits.segment_count"));
         assert_eq!(e.line, Some(3));
-        let e = parse("auth: {allow_anonymous: true}\nlimits: {max_payload_size: 10000000}\n").unwrap_err();
+        let e = parse("auth: {allow_anonymous: true}\nlimits: {max_payload_size: 10000000}\n")
+            .unwrap_err();
         assert_eq!(e.key.as_deref(), Some("limits.segment_size"));
         let e = parse("auth: {allow_anonymous: true}\nlimits: {max_conections: 3}\n").unwrap_err();
         assert!(e.message.contains("unknown field `max_conections`"), "{e}");

@@ -41,7 +41,13 @@ async fn main() -> ExitCode {
         config.auth.password_file = Some(std::path::absolute(&p).unwrap_or(p));
     }
     if let Err((key, msg)) = dcs_shared::Validate::validate(&config) {
-        eprintln!("dcs-broker: {}: key `{key}`: {msg}", args.config.as_deref().unwrap_or("(defaults)".as_ref()).display());
+        eprintln!(
+            "dcs-broker: {}: key `{key}`: {msg}",
+            args.config
+                .as_deref()
+                .unwrap_or("(defaults)".as_ref())
+                .display()
+        );
         return ExitCode::from(2);
     }
     if args.check {

@@ -31,7 +31,10 @@ pub fn start(config: &BrokerConfig, config_file: Option<&Path>) -> anyhow::Resul
             let path = config_file.map_or(p.clone(), |f| dcs_shared::config::relative_to(f, p));
             let users = PasswordFile::load(&path)?;
             if users.is_empty() {
-                bail!("password file {} has no users: nobody could connect", path.display());
+                bail!(
+                    "password file {} has no users: nobody could connect",
+                    path.display()
+                );
             }
             tracing::info!(file = %path.display(), users = users.len(), "loaded MQTT users");
             Some(Arc::new(users))
@@ -45,7 +48,8 @@ pub fn start(config: &BrokerConfig, config_file: Option<&Path>) -> anyhow::Resul
     let listeners = config.listeners.all();
     for (kind, addr) in &listeners {
         // rumqttd only logs a failed bind from its own thread; find out here, clearly.
-        TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr} ({kind} listener)"))?;
+        TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen on {addr} ({kind} listener)"))?;
     }
 
     let mut rconfig = rumqttd_config(config)?;
@@ -81,7 +85,8 @@ pub fn start(config: &BrokerConfig, config_file: Option<&Path>) -> anyhow::Resul
         .context("cannot start the broker thread")?;
 
     for (kind, addr) in &listeners {
-        wait_bound(*addr, Duration::from_secs(10)).with_context(|| format!("{kind} listener on {addr} did not come up"))?;
+        wait_bound(*addr, Duration::from_secs(10))
+            .with_context(|| format!("{kind} listener on {addr} did not come up"))?;
         tracing::info!(listener = kind, %addr, "listening");
     }
 
@@ -171,7 +176,11 @@ pub fn rss_bytes() -> Option<u64> {
 }
 
 /// Logs the router's meters and our RSS, and publishes them on `dcs-broker/stats`.
-async fn report_meters(meters: Option<rumqttd::meters::MetersLink>, mut link: rumqttd::local::LinkTx, every: Duration) {
+async fn report_meters(
+    meters: Option<rumqttd::meters::MetersLink>,
+    mut link: rumqttd::local::LinkTx,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     let (mut connections, mut subscriptions) = (0usize, 0usize);
@@ -190,7 +199,14 @@ async fn report_meters(meters: Option<rumqttd::meters::MetersLink>, mut link: ru
             }
         }
         let rss = rss_bytes().unwrap_or(0);
-        tracing::info!(connections, subscriptions, publishes, failed_publishes = failed, rss_bytes = rss, "broker meters");
+        tracing::info!(
+            connections,
+            subscriptions,
+            publishes,
+            failed_publishes = failed,
+            rss_bytes = rss,
+            "broker meters"
+        );
         let stats = json!({
             "connections": connections,
             "subscriptions": subscriptions,

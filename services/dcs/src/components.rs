@@ -16,9 +16,15 @@ pub const BROKER: Component = Component {
     run: run_broker,
 };
 
-fn run_broker(stack: StackConfig, _config: Option<PathBuf>, shutdown: CancellationToken) -> RunFuture {
+fn run_broker(
+    stack: StackConfig,
+    _config: Option<PathBuf>,
+    shutdown: CancellationToken,
+) -> RunFuture {
     Box::pin(async move {
-        let config = stack.broker.context("the stack config has no `broker:` section")?;
+        let config = stack
+            .broker
+            .context("the stack config has no `broker:` section")?;
         // Paths in the section were made absolute when the stack config was loaded.
         let running = dcs_broker::start(&config, None::<&Path>)?;
         for (kind, addr) in &running.listeners {

@@ -27,7 +27,9 @@ impl Command for LauncherCommand {
     fn parse(path: &[&str], payload: &[u8]) -> Result<Self, CommandError> {
         match path {
             ["restart"] => match command::text(payload)? {
-                "" => Err(CommandError::new("restart needs the component name as payload")),
+                "" => Err(CommandError::new(
+                    "restart needs the component name as payload",
+                )),
                 name => Ok(LauncherCommand::Restart(name.to_string())),
             },
             ["refresh"] => command::expect_empty(payload).map(|_| LauncherCommand::Refresh),
@@ -110,8 +112,17 @@ mod tests {
             LauncherCommand::parse(&["restart"], b" broker \n"),
             Ok(LauncherCommand::Restart("broker".into()))
         );
-        assert!(LauncherCommand::parse(&["restart"], b"").unwrap_err().0.contains("component name"));
-        assert_eq!(LauncherCommand::parse(&["refresh"], b""), Ok(LauncherCommand::Refresh));
-        assert!(LauncherCommand::parse(&["reboot"], b"").unwrap_err().0.contains("unknown command `reboot`"));
+        assert!(LauncherCommand::parse(&["restart"], b"")
+            .unwrap_err()
+            .0
+            .contains("component name"));
+        assert_eq!(
+            LauncherCommand::parse(&["refresh"], b""),
+            Ok(LauncherCommand::Refresh)
+        );
+        assert!(LauncherCommand::parse(&["reboot"], b"")
+            .unwrap_err()
+            .0
+            .contains("unknown command `reboot`"));
     }
 }

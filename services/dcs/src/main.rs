@@ -87,8 +87,9 @@ fn check(path: &Path) -> anyhow::Result<String> {
     let stack = StackConfig::load(path)?;
     let mut names = Vec::new();
     for (component, file) in stack.enabled(true) {
-        (component.check)(&stack, file.as_deref())
-            .map_err(|e| anyhow::anyhow!("{} `{}`: {e:#}", component.kind.noun(), component.name))?;
+        (component.check)(&stack, file.as_deref()).map_err(|e| {
+            anyhow::anyhow!("{} `{}`: {e:#}", component.kind.noun(), component.name)
+        })?;
         names.push(component.name);
     }
     Ok(format!("{}: OK ({})", path.display(), names.join(", ")))
@@ -125,7 +126,12 @@ async fn up(path: &Path, simulate: bool) -> anyhow::Result<()> {
         restarts.insert(component.name.to_string(), tx);
         if component.kind == registry::Kind::Broker {
             let token = broker_stop.clone();
-            broker_task = Some(tokio::spawn(supervisor::supervise(spec, board.clone(), token, rx)));
+            broker_task = Some(tokio::spawn(supervisor::supervise(
+                spec,
+                board.clone(),
+                token,
+                rx,
+            )));
             if let Some(b) = &stack.broker {
                 for (kind, addr) in b.listeners.all() {
                     let scheme = if kind == "websocket" { "ws" } else { "mqtt" };
@@ -137,16 +143,33 @@ async fn up(path: &Path, simulate: bool) -> anyhow::Result<()> {
                 }
             }
         } else {
-            service_tasks.push(tokio::spawn(supervisor::supervise(spec, board.clone(), services_stop.clone(), rx)));
-            println!("dcs: {} `{}` started", component.kind.noun(), component.name);
+            service_tasks.push(tokio::spawn(supervisor::supervise(
+                spec,
+                board.clone(),
+                services_stop.clone(),
+                rx,
+            )));
+            println!(
+                "dcs: {} `{}` started",
+                component.kind.noun(),
+                component.name
+            );
         }
     }
     if stack.broker.is_none() {
         println!("dcs: using the external broker at {}", stack.mqtt.url);
     }
     let launcher_stop = CancellationToken::new();
-    let launcher = tokio::spawn(launcher::run(stack.mqtt.clone(), board.clone(), restarts, launcher_stop.clone()));
-    println!("dcs: up; status on MQTT `{}/status`; Ctrl-C stops everything", launcher::NAME);
+    let launcher = tokio::spawn(launcher::run(
+        stack.mqtt.clone(),
+        board.clone(),
+        restarts,
+        launcher_stop.clone(),
+    ));
+    println!(
+        "dcs: up; status on MQTT `{}/status`; Ctrl-C stops everything",
+        launcher::NAME
+    );
 
     let signal = dcs_shared::shutdown::signal().await;
     tracing::info!(signal, "stopping the stack");

@@ -60,7 +60,11 @@ pub fn find(name: &str, kind: Kind) -> Option<&'static Component> {
 
 /// Names of the registered components of `kind`.
 pub fn names(kind: Kind) -> Vec<&'static str> {
-    let v: Vec<_> = COMPONENTS.iter().filter(|c| c.kind == kind).map(|c| c.name).collect();
+    let v: Vec<_> = COMPONENTS
+        .iter()
+        .filter(|c| c.kind == kind)
+        .map(|c| c.name)
+        .collect();
     if v.is_empty() {
         vec!["(none yet)"]
     } else {

@@ -57,7 +57,9 @@ fn yes() -> bool {
 
 impl Validate for StackConfig {
     fn validate(&self) -> Result<(), (String, String)> {
-        self.mqtt.check().map_err(|(k, m)| (format!("mqtt.{k}"), m))?;
+        self.mqtt
+            .check()
+            .map_err(|(k, m)| (format!("mqtt.{k}"), m))?;
         if let Some(b) = &self.broker {
             b.validate().map_err(|(k, m)| (format!("broker.{k}"), m))?;
         }
@@ -69,7 +71,11 @@ impl Validate for StackConfig {
                 if registry::find(name, kind).is_none() {
                     return Err((
                         format!("{section}.{name}"),
-                        format!("unknown {}: known ones are {}", kind.noun(), registry::names(kind).join(", ")),
+                        format!(
+                            "unknown {}: known ones are {}",
+                            kind.noun(),
+                            registry::names(kind).join(", ")
+                        ),
                     ));
                 }
             }
@@ -87,7 +93,11 @@ impl StackConfig {
         if let Some(f) = &c.mqtt.password_file {
             c.mqtt.password_file = Some(relative_to(&path, f));
         }
-        if let Some(f) = c.broker.as_mut().and_then(|b| b.auth.password_file.as_mut()) {
+        if let Some(f) = c
+            .broker
+            .as_mut()
+            .and_then(|b| b.auth.password_file.as_mut())
+        {
             *f = relative_to(&path, f);
         }
         for e in c.services.values_mut().chain(c.simulators.values_mut()) {
@@ -124,7 +134,9 @@ impl StackConfig {
 /// on first start a random password is written to `mqtt.password_file` (mode 0600) and
 /// its hash added to the broker's password file. Returns a line describing what it did.
 pub fn ensure_service_account(stack: &StackConfig) -> anyhow::Result<Option<String>> {
-    let Some(broker) = &stack.broker else { return Ok(None) };
+    let Some(broker) = &stack.broker else {
+        return Ok(None);
+    };
     let (Some(user), Some(secret_file), Some(passwd_file)) = (
         stack.mqtt.username.as_deref(),
         stack.mqtt.password_file.as_deref(),
@@ -137,7 +149,11 @@ pub fn ensure_service_account(stack: &StackConfig) -> anyhow::Result<Option<Stri
     }
     let mut created = false;
     let password = if secret_file.exists() {
-        stack.mqtt.resolve_password().map_err(anyhow::Error::msg)?.unwrap_or_default()
+        stack
+            .mqtt
+            .resolve_password()
+            .map_err(anyhow::Error::msg)?
+            .unwrap_or_default()
     } else {
         use rand::distributions::{Alphanumeric, DistString};
         let pw = Alphanumeric.sample_string(&mut rand::thread_rng(), 32);
@@ -148,7 +164,12 @@ pub fn ensure_service_account(stack: &StackConfig) -> anyhow::Result<Option<Stri
     let existing = std::fs::read_to_string(passwd_file).unwrap_or_default();
     let users = dcs_broker::auth::PasswordFile::parse(&existing).unwrap_or_default();
     if users.verify(user, &password) {
-        return Ok(created.then(|| format!("created MQTT password for `{user}` in {}", secret_file.display())));
+        return Ok(created.then(|| {
+            format!(
+                "created MQTT password for `{user}` in {}",
+                secret_file.display()
+            )
+        }));
     }
     // Replace any stale entry for this user, keep everyone else.
     let mut text: String = existing
@@ -193,7 +214,10 @@ mod tests {
         std::fs::write(&f, "services:\n  caen-fms: {}\n").unwrap();
         let e = StackConfig::load(&f).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("services.caen-fms"));
-        assert!(e.message.starts_with("unknown service: known ones are"), "{e}");
+        assert!(
+            e.message.starts_with("unknown service: known ones are"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -198,7 +198,10 @@ async fn stop(name: &str, child: &mut Child) -> String {
         }
         Ok(Err(e)) => format!("wait failed: {e}"),
         Err(_) => {
-            tracing::warn!(component = name, "did not stop within {STOP_GRACE:?}; killing");
+            tracing::warn!(
+                component = name,
+                "did not stop within {STOP_GRACE:?}; killing"
+            );
             let _ = child.kill().await;
             "killed after the grace period".to_string()
         }

@@ -1,0 +1,66 @@
+//! dcs-broker behaviour that the interop suite (tests/interop) does not cover from the
+//! outside: its meters on MQTT, and a clear refusal when a port is taken.
+
+use std::process::Command;
+use std::time::Duration;
+
+use dcs_integration_tests::{bin, free_port, spawn_until, Observer, PASSWD_LINE};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meters_are_published_on_mqtt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p4, p5) = (free_port(), free_port());
+    std::fs::write(dir.path().join("users.passwd"), format!("{PASSWD_LINE}\n")).unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        format!(
+            "listeners: {{mqtt: 127.0.0.1:{p4}, mqtt5: 127.0.0.1:{p5}, websocket: null}}\n\
+             auth: {{password_file: users.passwd}}\nmeters_interval_secs: 1\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("dcs-broker"));
+    cmd.arg("-c").arg(dir.path().join("b.yaml"));
+    let _broker = spawn_until(cmd, "mqtt5 listening", Duration::from_secs(15));
+    let mut obs = Observer::connect(p4, "meters", &["dcs-broker/stats"]).await;
+    // Some traffic so the router has something to count.
+    for _ in 0..5 {
+        obs.publish("load/x", "1").await;
+    }
+    let g = obs
+        .wait_for("dcs-broker/stats", Duration::from_secs(10), |p| {
+            serde_json::from_str::<serde_json::Value>(p)
+                .is_ok_and(|v| v["connections"].as_u64() >= Some(1))
+        })
+        .await
+        .expect("stats with our connection counted");
+    let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
+    assert!(v["rss_bytes"].as_u64().unwrap() > 1_000_000, "{v}");
+    assert_eq!(v["interval_secs"], 1);
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        format!("listeners: {{mqtt: 127.0.0.1:{port}, mqtt5: null, websocket: null}}\nauth: {{allow_anonymous: true}}\n"),
+    )
+    .unwrap();
+    let out = Command::new(bin("dcs-broker"))
+        .arg("-c")
+        .arg(dir.path().join("b.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "cannot listen on 127.0.0.1:{port} (mqtt listener)"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("in use"), "{err}");
+}

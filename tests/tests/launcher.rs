@@ -1,0 +1,188 @@
+//! The `dcs` launcher as a user runs it: `dcs check` on good and broken configs, and
+//! `dcs up` supervising the broker (crash -> restart), answering on MQTT, stopping
+//! cleanly on SIGTERM.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dcs_integration_tests::{bin, free_port, repo_root, spawn_until, Observer};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn check(config: &Path) -> (i32, String) {
+    let out = Command::new(bin("dcs"))
+        .args(["check", "--config"])
+        .arg(config)
+        .env("DCS_STATE_DIR", "/nonexistent-state")
+        .output()
+        .expect("run dcs check");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn shipped_config_checks_ok() {
+    let (code, text) = check(&repo_root().join("deploy/dcs.yaml"));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("OK (broker)"), "{text}");
+}
+
+#[test]
+fn broken_configs_are_refused_with_a_precise_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &[&str])] = &[
+        ("broker:\n  listeners: [oops\n", &["line 2"]),
+        (
+            "services:\n  caen-fms: {}\n",
+            &["services.caen-fms", "unknown service"],
+        ),
+        (
+            "broker:\n  auth: {allow_anonymous: true}\n  limits:\n    segment_count: 1\n",
+            &["broker.limits.segment_count", "line 4", "at least 2"],
+        ),
+        ("mqtt:\n  url: mqtt://localhost\n", &["mqtt.url", "no port"]),
+        ("mqtt:\n  keep_alive_secs: 0\n", &["mqtt.keep_alive_secs"]),
+        (
+            "mqtt:\n  password: ${NO_SUCH_VAR_FOR_DCS}\n",
+            &["line 2", "NO_SUCH_VAR_FOR_DCS is not set"],
+        ),
+        ("brokr: {}\n", &["unknown field `brokr`", "line 1"]),
+        ("", &["empty"]),
+    ];
+    for (i, (yaml, expected)) in cases.iter().enumerate() {
+        let f = dir.path().join(format!("case{i}.yaml"));
+        std::fs::write(&f, yaml).unwrap();
+        let (code, text) = check(&f);
+        assert_eq!(code, 2, "case {i} should fail:\n{yaml}\n{text}");
+        assert!(
+            text.contains(&format!("case{i}.yaml")),
+            "case {i}: file not named: {text}"
+        );
+        for e in *expected {
+            assert!(text.contains(e), "case {i}: `{e}` missing from: {text}");
+        }
+    }
+    let (code, text) = check(&dir.path().join("missing.yaml"));
+    assert_eq!(code, 2);
+    assert!(text.contains("cannot read file"), "{text}");
+}
+
+fn pid_of(status: &serde_json::Value, component: &str) -> Option<i32> {
+    status["components"][component]["pid"]
+        .as_i64()
+        .map(|p| p as i32)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_supervises_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p4, p5, pws) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("dcs.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: state\n\
+             mqtt: {{url: mqtt://127.0.0.1:{p4}, username: alice, password_file: state/secret}}\n\
+             broker:\n  listeners: {{mqtt: 127.0.0.1:{p4}, mqtt5: 127.0.0.1:{p5}, websocket: 127.0.0.1:{pws}}}\n  \
+             auth: {{password_file: state/passwd}}\n  meters_interval_secs: 0\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("dcs"));
+    cmd.args(["up", "--config"]).arg(&config);
+    let mut up = spawn_until(cmd, "dcs: up;", WAIT);
+
+    // First start created the services' account; the observer logs in with it, as alice.
+    let secret = std::fs::read_to_string(dir.path().join("state/secret")).unwrap();
+    assert_eq!(secret.trim().len(), 32);
+    let mut s = Observer::connect_as(p4, "obs", "alice", secret.trim(), &["dcs-launcher/#"]).await;
+    let g = s
+        .wait_for("dcs-launcher/status", WAIT, |p| p.contains("\"running\""))
+        .await
+        .expect("launcher status");
+    let status: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
+    let broker_pid = pid_of(&status, "broker").expect("broker pid");
+
+    // The broker crashes: the launcher restarts it, and its own session comes back and
+    // republishes the status (the new broker starts empty).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(broker_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    drop(s);
+    let deadline = Instant::now() + WAIT;
+    let restarted = loop {
+        assert!(
+            Instant::now() < deadline,
+            "broker not restarted; launcher said:\n{}",
+            up.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut o = match tokio::time::timeout(
+            Duration::from_secs(3),
+            Observer::connect_as(p4, "obs2", "alice", secret.trim(), &["dcs-launcher/status"]),
+        )
+        .await
+        {
+            Ok(o) => o,
+            Err(_) => continue,
+        };
+        if let Some(g) = o
+            .next_on("dcs-launcher/status", Duration::from_secs(3))
+            .await
+        {
+            let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
+            if v["components"]["broker"]["restarts"] == 1
+                && v["components"]["broker"]["state"] == "running"
+            {
+                break (v, o);
+            }
+        }
+    };
+    drop(restarted);
+    // Restored as retained: a subscriber arriving now gets it from the broker's store.
+    let mut late =
+        Observer::connect_as(p4, "late", "alice", secret.trim(), &["dcs-launcher/status"]).await;
+    let g = late
+        .next_on("dcs-launcher/status", WAIT)
+        .await
+        .expect("retained status");
+    assert!(g.retain);
+    let status: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
+    assert_eq!(status["components"]["broker"]["restarts"], 1, "{status}");
+    let new_pid = pid_of(&status, "broker").unwrap();
+    assert_ne!(new_pid, broker_pid);
+    assert!(
+        status["components"]["broker"]["last_exit"]
+            .as_str()
+            .unwrap()
+            .contains("signal: 9"),
+        "{status}"
+    );
+
+    // Commands: an unknown component is refused with a reply naming the known ones.
+    let mut c =
+        Observer::connect_as(p4, "cmd", "alice", secret.trim(), &["dcs-launcher/reply"]).await;
+    c.publish("dcs-launcher/cmd/restart", "caen-fsm").await;
+    let r = c.next_on("dcs-launcher/reply", WAIT).await.expect("reply");
+    let r: serde_json::Value = serde_json::from_str(&r.payload).unwrap();
+    assert_eq!(r["ok"], false);
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("running ones are broker"),
+        "{r}"
+    );
+
+    // SIGTERM stops everything, in time, and leaves no child behind.
+    let status = up
+        .terminate(Duration::from_secs(15))
+        .expect("dcs up did not stop within 15 s");
+    assert!(status.success(), "{status}");
+    let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(new_pid), None).is_err();
+    assert!(gone, "broker child {new_pid} still alive");
+}
