@@ -51,7 +51,8 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-async fn run(broker: &Broker, qos: QoS, per_publisher: usize) -> Figures {
+/// One run; `rate` paces each publisher (messages/s), `None` publishes as fast as it can.
+async fn run(broker: &Broker, qos: QoS, per_publisher: usize, rate: Option<u32>) -> Figures {
     let port = broker.port;
     // Subscriber first, and wait for its SUBACK.
     let (sub, mut sub_el) = AsyncClient::new(options("bench-sub", port), 1000);
@@ -89,24 +90,45 @@ async fn run(broker: &Broker, qos: QoS, per_publisher: usize) -> Figures {
     let mut pubs = Vec::new();
     for i in 0..PUBLISHERS {
         let (c, mut el) = AsyncClient::new(options(&format!("bench-pub-{i}"), port), 1000);
+        // Done when every message left the socket (QoS 0) or was acknowledged (QoS 1):
+        // disconnecting earlier would drop what the client still queues.
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let driver = tokio::spawn(async move {
+            let mut done = Some(done_tx);
+            let mut count = 0;
             loop {
-                if el.poll().await.is_err() {
-                    return;
+                match el.poll().await {
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Publish(_)))
+                        if qos == QoS::AtMostOnce =>
+                    {
+                        count += 1
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => count += 1,
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+                if count == per_publisher {
+                    if let Some(d) = done.take() {
+                        let _ = d.send(());
+                    }
                 }
             }
         });
         pubs.push(tokio::spawn(async move {
             let topic = format!("bench/{i}");
+            let mut tick =
+                rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(r))));
             for _ in 0..per_publisher {
+                if let Some(t) = tick.as_mut() {
+                    t.tick().await;
+                }
                 let mut payload = vec![0u8; PAYLOAD];
                 payload[..8].copy_from_slice(&now_ns().to_be_bytes());
                 if c.publish(&topic, qos, false, payload).await.is_err() {
                     break;
                 }
             }
-            // Let the event loop flush what is queued before the client goes away.
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(60), done_rx).await;
             let _ = c.disconnect().await;
             let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
         }));
@@ -158,8 +180,9 @@ async fn main() {
         "broker bench: {PUBLISHERS} publishers -> 1 subscriber, {PAYLOAD} B payloads, {} messages per run, loopback",
         PUBLISHERS * per_publisher
     );
+    println!("Saturation: every publisher as fast as it can (latency here is queueing).");
     println!(
-        "{:<40} {:>4} {:>10} {:>9} {:>10} {:>10} {:>9}",
+        "{:<40} {:>4} {:>10} {:>7} {:>9} {:>9} {:>8}",
         "broker", "qos", "msg/s", "lost", "p50 ms", "p99 ms", "RSS MB"
     );
     let setups: [(&str, BrokerKind, &str); 3] = [
@@ -169,9 +192,9 @@ async fn main() {
             "",
         ),
         (
-            "dcs-broker (segments 100 MiB x 10)",
+            "dcs-broker (segments 1 MiB x 2)",
             BrokerKind::Dcs,
-            "{segment_size: 104857600, segment_count: 10}",
+            "{segment_size: 1048576, segment_count: 2}",
         ),
         ("mosquitto 2.0.11", BrokerKind::Mosquitto, ""),
     ];
@@ -179,17 +202,8 @@ async fn main() {
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
         for (label, kind, limits) in &setups {
             let broker = Broker::start_with(*kind, limits);
-            let f = run(&broker, qos, per_publisher).await;
-            println!(
-                "{:<40} {:>4} {:>10.0} {:>9} {:>10.2} {:>10.2} {:>9.1}",
-                label,
-                qos as u8,
-                f.rate,
-                f.sent - f.received,
-                f.p50_us / 1e3,
-                f.p99_us / 1e3,
-                f.peak_rss_mb
-            );
+            let f = run(&broker, qos, per_publisher, None).await;
+            print_row(label, qos, &f);
             rates.insert((*label, qos as u8), f.rate);
         }
     }
@@ -201,4 +215,31 @@ async fn main() {
             dcs / mosq
         );
     }
+    let paced = 500;
+    let n = 2000;
+    println!(
+        "\nLatency at a steady load: {PUBLISHERS} x {paced} msg/s = {} msg/s, {} messages per run.",
+        PUBLISHERS as u32 * paced,
+        PUBLISHERS * n
+    );
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        for (label, kind, limits) in [&setups[0], &setups[2]] {
+            let broker = Broker::start_with(*kind, limits);
+            let f = run(&broker, qos, n, Some(paced)).await;
+            print_row(label, qos, &f);
+        }
+    }
+}
+
+fn print_row(label: &str, qos: QoS, f: &Figures) {
+    println!(
+        "{:<40} {:>4} {:>10.0} {:>7} {:>9.2} {:>9.2} {:>8.1}",
+        label,
+        qos as u8,
+        f.rate,
+        f.sent - f.received,
+        f.p50_us / 1e3,
+        f.p99_us / 1e3,
+        f.peak_rss_mb
+    );
 }

@@ -23,7 +23,6 @@ from conftest import (
     HOST,
     MSG_TIMEOUT,
     PASSWORD,
-    QUIET_WINDOW,
     USER,
     free_port,
     mosq_pub,
@@ -389,7 +388,7 @@ def test_auth_accepted(broker, paho, protocol):
     assert res.returncode == 0, res.stderr
 
 
-def test_auth_second_user_and_sha512_hash(broker_factory, paho):
+def test_auth_two_users_own_passwords(broker_factory, paho):
     """Several users in one file; each logs in with its own password only."""
     b = broker_factory(users={USER: PASSWORD, "bob": "hunter2"})
     ok = paho(b, username="bob", password="hunter2")
@@ -663,10 +662,23 @@ def test_config_file_missing(tmp_path):
     assert "absent.yaml" in r.stderr, r.stderr
 
 
-def test_sigterm_stops_broker(broker):
-    assert broker.alive()
+def test_sigterm_stops_broker(broker, paho):
+    round_trip(paho, broker)  # well past start-up
     broker.proc.send_signal(signal.SIGTERM)
-    assert broker.proc.wait(timeout=10) == 0
+    assert broker.proc.wait(timeout=10) == 0, broker.stderr()
+    assert "stopping broker" in broker.stderr() and "SIGTERM" in broker.stderr()
+
+
+@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
+    "race in dcs-broker main.rs: the 'listening on' lines are printed before "
+    "shutdown::signal() installs the SIGTERM handler, so a SIGTERM sent right after "
+    "readiness kills the process by default disposition (returncode -15, ~1 in 30 "
+    "starts here; as PID 1 in a container the signal would be ignored instead)"))
+def test_sigterm_right_after_ready(broker_factory):
+    for _ in range(10):
+        b = broker_factory(mqtt5=False, websocket=False)
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(timeout=10) == 0, "killed by the signal, not a clean stop"
 
 
 def test_binary_exists():

@@ -156,6 +156,9 @@ async fn up(path: &Path, simulate: bool) -> anyhow::Result<()> {
             );
         }
     }
+    if simulate && !stack.simulators.values().any(|e| e.enabled) {
+        println!("dcs: --simulate: no simulator is enabled under `simulators:`");
+    }
     if stack.broker.is_none() {
         println!("dcs: using the external broker at {}", stack.mqtt.url);
     }
