@@ -100,7 +100,8 @@ pub fn from_str<T: DeserializeOwned + Validate>(
         }
         ConfigError {
             origin: origin.to_path_buf(),
-            key: (key != "." && !key.is_empty()).then_some(key),
+            // serde_path_to_error writes `?` for positions a syntax error hides.
+            key: (key != "." && !key.is_empty() && !key.contains('?')).then_some(key),
             line,
             message,
         }

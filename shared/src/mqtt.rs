@@ -376,7 +376,7 @@ impl Session {
                     o.set_credentials(user, password.clone().unwrap_or_default());
                 }
                 let (c, el) = rumqttc::AsyncClient::new(o, REQUEST_QUEUE);
-                (Client::V4(c), DriverLoop::V4(el))
+                (Client::V4(c), DriverLoop::V4(Box::new(el)))
             }
             MqttVersion::V5 => {
                 use rumqttc::v5::mqttbytes::v5::LastWill;
@@ -580,7 +580,7 @@ impl Inner {
 }
 
 enum DriverLoop {
-    V4(rumqttc::EventLoop),
+    V4(Box<rumqttc::EventLoop>),
     V5(Box<rumqttc::v5::EventLoop>),
 }
 

@@ -136,17 +136,12 @@ async fn run(broker: &Broker, qos: QoS, per_publisher: usize, rate: Option<u32>)
 
     let mut lat = Vec::with_capacity(total);
     let mut last = start;
-    loop {
-        // Done when all arrived, or nothing came for 2 s (the rest is lost).
-        match tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
-            Ok(Some(l)) => {
-                lat.push(l);
-                last = Instant::now();
-                if lat.len() == total {
-                    break;
-                }
-            }
-            _ => break,
+    // Done when all arrived, or nothing came for 2 s (the rest is lost).
+    while let Ok(Some(l)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+        lat.push(l);
+        last = Instant::now();
+        if lat.len() == total {
+            break;
         }
     }
     let elapsed = last.duration_since(start).as_secs_f64();

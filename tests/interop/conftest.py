@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN_DIR = Path(os.environ.get("DCS_BIN_DIR") or REPO_ROOT / "target" / "debug")
+BIN_DIR = Path(os.environ.get("DCS_BIN_DIR") or REPO_ROOT / "target" / "debug").resolve()
 BROKER_BIN = BIN_DIR / "dcs-broker"
 
 HOST = "127.0.0.1"

@@ -669,11 +669,9 @@ def test_sigterm_stops_broker(broker, paho):
     assert "stopping broker" in broker.stderr() and "SIGTERM" in broker.stderr()
 
 
-@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
-    "race in dcs-broker main.rs: the 'listening on' lines are printed before "
-    "shutdown::signal() installs the SIGTERM handler, so a SIGTERM sent right after "
-    "readiness kills the process by default disposition (returncode -15, ~1 in 30 "
-    "starts here; as PID 1 in a container the signal would be ignored instead)"))
+# The handlers are installed before readiness is announced: a SIGTERM right after the
+# "listening" lines must still be a clean stop (as PID 1 in a container it would
+# otherwise be ignored).
 def test_sigterm_right_after_ready(broker_factory):
     for _ in range(10):
         b = broker_factory(mqtt5=False, websocket=False)

@@ -35,12 +35,12 @@ pub struct PasswordFile {
 #[derive(Debug, thiserror::Error)]
 pub enum PasswordFileError {
     /// The file could not be read.
-    #[error("cannot read password file {path}: {source}")]
+    #[error("cannot read password file {path}: {reason}")]
     Read {
         /// The file.
         path: String,
         /// Why.
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     /// A line is not `user:$7$...` or `user:$6$...`.
     #[error("password file {path}, line {line}: {message}")]
@@ -57,9 +57,9 @@ pub enum PasswordFileError {
 impl PasswordFile {
     /// Reads and parses a password file.
     pub fn load(path: &Path) -> Result<Self, PasswordFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PasswordFileError::Read {
+        let text = std::fs::read_to_string(path).map_err(|reason| PasswordFileError::Read {
             path: path.display().to_string(),
-            source,
+            reason,
         })?;
         Self::parse(&text).map_err(|(line, message)| PasswordFileError::Line {
             path: path.display().to_string(),

@@ -54,6 +54,7 @@ async fn main() -> ExitCode {
         println!("config OK");
         return ExitCode::SUCCESS;
     }
+    let mut signals = dcs_shared::shutdown::Signals::install();
     match dcs_broker::start(&config, args.config.as_deref()) {
         Ok(running) => {
             for (kind, addr) in &running.listeners {
@@ -65,7 +66,7 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let signal = dcs_shared::shutdown::signal().await;
+    let signal = signals.recv().await;
     tracing::info!(signal, "stopping broker");
     ExitCode::SUCCESS
 }

@@ -188,7 +188,7 @@ async fn report_meters(
         tick.tick().await;
         let (mut publishes, mut failed) = (0usize, 0usize);
         // Meters arrive only for intervals with traffic; drain what is there.
-        while let Some(Ok(batch)) = meters.as_ref().map(|m| m.recv()) {
+        while let Some(batch) = meters.as_ref().and_then(|m| m.recv().ok()) {
             for m in batch {
                 if let rumqttd::Meter::Router(_, r) = m {
                     connections = r.total_connections;

@@ -103,6 +103,7 @@ async fn up(path: &Path, simulate: bool) -> anyhow::Result<()> {
     if let Some(said) = stack::ensure_service_account(&stack)? {
         println!("dcs: {said}");
     }
+    let mut signals = dcs_shared::shutdown::Signals::install();
     let exe = std::env::current_exe()?;
     let board = StatusBoard::default();
     let broker_stop = CancellationToken::new();
@@ -174,7 +175,7 @@ async fn up(path: &Path, simulate: bool) -> anyhow::Result<()> {
         launcher::NAME
     );
 
-    let signal = dcs_shared::shutdown::signal().await;
+    let signal = signals.recv().await;
     tracing::info!(signal, "stopping the stack");
     services_stop.cancel();
     for t in service_tasks {
