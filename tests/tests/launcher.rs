@@ -26,7 +26,7 @@ fn check(config: &Path) -> (i32, String) {
 fn shipped_config_checks_ok() {
     let (code, text) = check(&repo_root().join("deploy/dcs.yaml"));
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("OK (broker)"), "{text}");
+    assert!(text.contains("OK (broker, julabo-sim, julabo)"), "{text}");
 }
 
 #[test]

@@ -34,3 +34,45 @@ fn run_broker(
         Ok(())
     })
 }
+
+fn config_file<'a>(name: &str, file: Option<&'a Path>) -> anyhow::Result<&'a Path> {
+    file.with_context(|| format!("`{name}` needs `config: FILE` in the stack config"))
+}
+
+/// The Julabo chiller driver.
+pub const JULABO: Component = Component {
+    name: "julabo",
+    kind: Kind::Service,
+    check: |_, file| {
+        dcs_shared::config::load::<julabo::JulaboConfig>(config_file("julabo", file)?)?;
+        Ok(())
+    },
+    run: |stack, file, shutdown| {
+        Box::pin(async move {
+            let cfg = dcs_shared::config::load::<julabo::JulaboConfig>(config_file(
+                "julabo",
+                file.as_deref(),
+            )?)?;
+            julabo::service::run(cfg, stack.mqtt, shutdown).await
+        })
+    },
+};
+
+/// The Julabo simulator.
+pub const JULABO_SIM: Component = Component {
+    name: "julabo-sim",
+    kind: Kind::Simulator,
+    check: |_, file| {
+        dcs_shared::config::load::<julabo_sim::SimConfig>(config_file("julabo-sim", file)?)?;
+        Ok(())
+    },
+    run: |_, file, shutdown| {
+        Box::pin(async move {
+            let cfg = dcs_shared::config::load::<julabo_sim::SimConfig>(config_file(
+                "julabo-sim",
+                file.as_deref(),
+            )?)?;
+            julabo_sim::run(cfg, shutdown).await
+        })
+    },
+};

@@ -51,7 +51,11 @@ pub struct Component {
 }
 
 /// Every component the launcher can run.
-pub static COMPONENTS: &[Component] = &[crate::components::BROKER];
+pub static COMPONENTS: &[Component] = &[
+    crate::components::BROKER,
+    crate::components::JULABO,
+    crate::components::JULABO_SIM,
+];
 
 /// The registered component called `name`, if it is of `kind`.
 pub fn find(name: &str, kind: Kind) -> Option<&'static Component> {

@@ -115,7 +115,11 @@ impl fmt::Display for ProtocolError {
 impl std::error::Error for ProtocolError {}
 
 fn quoted(reply: &str) -> String {
-    let shown: String = reply.chars().take(40).flat_map(char::escape_default).collect();
+    let shown: String = reply
+        .chars()
+        .take(40)
+        .flat_map(char::escape_default)
+        .collect();
     format!("`{shown}`")
 }
 
@@ -133,7 +137,12 @@ pub fn parse_int(reply: &str) -> Result<i64, ProtocolError> {
     let t = reply.trim();
     t.parse::<i64>()
         .ok()
-        .or_else(|| t.parse::<f64>().ok().filter(|f| f.fract() == 0.0).map(|f| f as i64))
+        .or_else(|| {
+            t.parse::<f64>()
+                .ok()
+                .filter(|f| f.fract() == 0.0)
+                .map(|f| f as i64)
+        })
         .ok_or_else(|| ProtocolError(format!("expected an integer, got {}", quoted(reply))))
 }
 
@@ -155,6 +164,14 @@ impl Status {
     /// Negative codes are alarms and errors.
     pub fn is_error(&self) -> bool {
         self.code < 0
+    }
+}
+
+impl fmt::Display for Status {
+    /// As the unit writes it: `03 REMOTE START`, `-01 LOW LEVEL`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = if self.code < 0 { "-" } else { "" };
+        write!(f, "{sign}{:02} {}", self.code.unsigned_abs(), self.text)
     }
 }
 
@@ -194,7 +211,9 @@ pub fn parse_status(reply: &str) -> Result<Status, ProtocolError> {
         .parse()
         .ok()
         .filter(|c: &i8| status_text(*c).is_some())
-        .ok_or_else(|| ProtocolError(format!("expected `NN TEXT` status, got {}", quoted(reply))))?;
+        .ok_or_else(|| {
+            ProtocolError(format!("expected `NN TEXT` status, got {}", quoted(reply)))
+        })?;
     let text = if text.is_empty() {
         status_text(code).unwrap_or("").to_string()
     } else {
@@ -232,7 +251,10 @@ mod tests {
 
     #[test]
     fn readback_confirms() {
-        assert_eq!(Write::Setpoint(1, 18.0).readback(), Some(Query::Setpoint(1)));
+        assert_eq!(
+            Write::Setpoint(1, 18.0).readback(),
+            Some(Query::Setpoint(1))
+        );
         assert!(Write::Setpoint(1, 18.0).confirmed_by(" 18.00").unwrap());
         assert!(!Write::Setpoint(1, 18.0).confirmed_by("20.00").unwrap());
         assert!(Write::ActiveSetpoint(2).confirmed_by("2").unwrap());
@@ -247,7 +269,10 @@ mod tests {
         assert_eq!(parse_float("-5"), Ok(-5.0));
         assert!(parse_float("").unwrap_err().0.contains("expected a number"));
         assert!(parse_float("NaN").is_err());
-        assert!(parse_float("\u{1}\u{2}zz").unwrap_err().0.contains("\\u{1}"));
+        assert!(parse_float("\u{1}\u{2}zz")
+            .unwrap_err()
+            .0
+            .contains("\\u{1}"));
         assert_eq!(parse_int("1"), Ok(1));
         assert_eq!(parse_int("2.0"), Ok(2));
         assert!(parse_int("2.5").is_err());
@@ -260,6 +285,7 @@ mod tests {
         assert!(!s.is_manual() && !s.is_error());
         let s = parse_status("-08 INVALID COMMAND").unwrap();
         assert!(s.is_error());
+        assert_eq!(s.to_string(), "-08 INVALID COMMAND");
         assert_eq!(s.code, -8);
         assert!(parse_status("01").unwrap().is_manual());
         assert_eq!(parse_status("-14").unwrap().text, "TEMPERATURE/LEVEL ALARM");

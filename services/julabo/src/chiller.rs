@@ -1,0 +1,288 @@
+//! The chiller as the service sees it: the line (opened and reopened with backoff),
+//! the last status read, the state machine, and the commands carried out on it.
+
+use std::time::Duration;
+
+use dcs_shared::backoff::Backoff;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::commands::JulaboCommand;
+use crate::config::JulaboConfig;
+use crate::fsm::State;
+use crate::protocol::{Query, Status, Write};
+use crate::transport::{self, Endpoint, Link, LinkError};
+
+/// One full read of the unit: the nine queries behind `julabo/status`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// STATUS.
+    pub status: Status,
+    /// IN_PV_00.
+    pub internal_temp: f64,
+    /// The Pt100 of IN_PV_01/02.
+    pub external_temp: f64,
+    /// The power of IN_PV_01/02, %.
+    pub power: f64,
+    /// IN_SP_00..02.
+    pub setpoints: [f64; 3],
+    /// IN_MODE_01 + 1.
+    pub used_setpoint: u8,
+    /// IN_MODE_04.
+    pub ext_is_used: bool,
+}
+
+/// Reads everything `julabo/status` carries: 9 commands.
+pub async fn read_all(link: &mut Link, power_pv: u8) -> Result<Reading, LinkError> {
+    let status = link.status().await?;
+    let internal_temp = link.float(Query::BathTemp).await?;
+    let pv1 = link.float(Query::Pv1).await?;
+    let pv2 = link.float(Query::Pv2).await?;
+    let (power, external_temp) = if power_pv == 2 {
+        (pv2, pv1)
+    } else {
+        (pv1, pv2)
+    };
+    let mut setpoints = [0.0; 3];
+    for (i, sp) in setpoints.iter_mut().enumerate() {
+        *sp = link.float(Query::Setpoint(i as u8)).await?;
+    }
+    let active = link.int(Query::ActiveSetpoint).await?;
+    let ext = link.int(Query::ExternalControl).await?;
+    Ok(Reading {
+        status,
+        internal_temp,
+        external_temp,
+        power,
+        setpoints,
+        used_setpoint: u8::try_from(active + 1).unwrap_or(0),
+        ext_is_used: ext == 1,
+    })
+}
+
+/// The chiller, its line and what is known about it.
+pub struct Chiller {
+    cfg: JulaboConfig,
+    endpoint: Endpoint,
+    link: Option<Link>,
+    /// Current state.
+    pub state: State,
+    /// Last good reading.
+    pub reading: Option<Reading>,
+    /// Last problem, for the status message.
+    pub error: Option<String>,
+    failures: u32,
+    backoff: Backoff,
+    next_open: Instant,
+}
+
+impl Chiller {
+    /// A chiller not yet connected. `cfg` must have been validated.
+    pub fn new(cfg: JulaboConfig) -> Result<Chiller, String> {
+        let endpoint = Endpoint::parse(&cfg.port)?;
+        Ok(Chiller {
+            cfg,
+            endpoint,
+            link: None,
+            state: State::Disconnected,
+            reading: None,
+            error: None,
+            failures: 0,
+            backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            next_open: Instant::now(),
+        })
+    }
+
+    /// Opens the line if it is closed and the backoff allows it. Returns whether it is open.
+    pub async fn ensure_open(&mut self) -> bool {
+        if self.link.is_some() {
+            return true;
+        }
+        if Instant::now() < self.next_open {
+            return false;
+        }
+        let t = &self.cfg.timing;
+        match transport::open(&self.endpoint, &self.cfg.serial, Duration::from_secs(3)).await {
+            Ok(port) => {
+                tracing::info!(port = %self.cfg.port, "line open");
+                self.link = Some(Link::new(
+                    port,
+                    Duration::from_millis(t.min_spacing_ms),
+                    Duration::from_millis(t.reply_timeout_ms),
+                ));
+                self.state = State::Connected;
+                self.failures = 0;
+                true
+            }
+            Err(e) => {
+                self.lost(e.to_string());
+                false
+            }
+        }
+    }
+
+    /// Closes the line now; it is reopened on the next poll (after the backoff).
+    pub fn close(&mut self, why: String) {
+        self.link = None;
+        self.lost(why);
+    }
+
+    fn lost(&mut self, why: String) {
+        let delay = self.backoff.next_delay();
+        if self.state != State::Disconnected || self.error.as_deref() != Some(why.as_str()) {
+            tracing::warn!(error = %why, retry_in = ?delay, "chiller disconnected");
+        }
+        self.link = None;
+        self.state = State::Disconnected;
+        self.error = Some(why);
+        self.next_open = Instant::now() + delay;
+    }
+
+    /// Reads the unit once and updates the state.
+    pub async fn poll(&mut self) {
+        if !self.ensure_open().await {
+            return;
+        }
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        match read_all(link, self.cfg.power_pv).await {
+            Ok(r) => {
+                let state = State::from_status(&r.status);
+                self.error = match (state, r.status.code) {
+                    (State::Error, 0 | 1) => Some(format!(
+                        "the chiller is under manual control ({}): switch it to remote on its front panel",
+                        r.status
+                    )),
+                    (State::Error, _) => Some(format!("chiller alarm {}", r.status)),
+                    _ => None,
+                };
+                if state != self.state {
+                    tracing::info!(from = self.state.as_str(), to = state.as_str(), status = %r.status.text, "chiller state");
+                }
+                self.state = state;
+                self.reading = Some(r);
+                self.failures = 0;
+                self.backoff.reset();
+            }
+            Err(e) => self.failed(e),
+        }
+    }
+
+    fn failed(&mut self, e: LinkError) {
+        self.failures += 1;
+        let why = e.to_string();
+        if e.line_lost() || self.failures >= self.cfg.timing.failures_before_reconnect {
+            let why = if e.line_lost() {
+                why
+            } else {
+                format!("{why} ({} times in a row)", self.failures)
+            };
+            self.close(why);
+            return;
+        }
+        tracing::warn!(error = %why, failures = self.failures, "chiller poll failed");
+        if matches!(e, LinkError::Garbled(..)) {
+            self.state = State::Error;
+        }
+        self.error = Some(why);
+    }
+
+    /// Carries out a command; `Err` is the refusal sent back to the operator.
+    pub async fn execute(&mut self, cmd: &JulaboCommand) -> Result<(), String> {
+        if let JulaboCommand::SetWT { temp, .. } = cmd {
+            let l = &self.cfg.limits;
+            if !(l.temp_min..=l.temp_max).contains(temp) {
+                return Err(format!(
+                    "temp {temp} is outside the configured limits {} .. {} degC",
+                    l.temp_min, l.temp_max
+                ));
+            }
+        }
+        match cmd {
+            JulaboCommand::Refresh => {
+                self.poll().await;
+                return Ok(());
+            }
+            JulaboCommand::Reconnect => {
+                self.link = None;
+                self.state = State::Disconnected;
+                self.next_open = Instant::now();
+                self.backoff.reset();
+                self.poll().await;
+                return match self.state {
+                    State::Disconnected => {
+                        Err(self.error.clone().unwrap_or_else(|| "not connected".into()))
+                    }
+                    _ => Ok(()),
+                };
+            }
+            _ => {}
+        }
+        if self.link.is_none() {
+            return Err(format!(
+                "the chiller is not connected ({})",
+                self.error.as_deref().unwrap_or("line closed")
+            ));
+        }
+        if let Some(r) = &self.reading {
+            if r.status.is_manual() {
+                return Err(format!(
+                    "the chiller is under manual control ({}): switch it to remote on its front panel",
+                    r.status
+                ));
+            }
+        }
+        let write = match *cmd {
+            JulaboCommand::Start => Write::Run(true),
+            JulaboCommand::Stop => Write::Run(false),
+            JulaboCommand::UseExt => Write::ExternalControl(true),
+            JulaboCommand::UseInt => Write::ExternalControl(false),
+            JulaboCommand::SetWT { setpoint, temp } => Write::Setpoint(setpoint - 1, temp),
+            JulaboCommand::UseSP(n) => Write::ActiveSetpoint(n - 1),
+            JulaboCommand::SetPress(p) => Write::PumpStage(p),
+            JulaboCommand::Refresh | JulaboCommand::Reconnect => return Ok(()),
+        };
+        let Some(link) = self.link.as_mut() else {
+            return Err("the chiller is not connected".into());
+        };
+        let result = link.write(write).await;
+        match result {
+            Ok(()) => {
+                self.poll().await;
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if e.line_lost() || matches!(e, LinkError::Timeout(..)) {
+                    self.failed(e);
+                }
+                Err(msg)
+            }
+        }
+    }
+
+    /// The `julabo/status` payload (the Python stack's fields, plus `status_text`,
+    /// `running` and `error`).
+    pub fn status_json(&self) -> serde_json::Value {
+        let r = self
+            .reading
+            .as_ref()
+            .filter(|_| self.state != State::Disconnected);
+        json!({
+            "status_code": r.map(|r| r.status.code),
+            "status_text": r.map(|r| r.status.text.clone()),
+            "internal_temp": r.map(|r| r.internal_temp),
+            "external_temp": r.map(|r| r.external_temp),
+            "setpoint_1": r.map(|r| r.setpoints[0]),
+            "setpoint_2": r.map(|r| r.setpoints[1]),
+            "setpoint_3": r.map(|r| r.setpoints[2]),
+            "used_setpoint": r.map(|r| r.used_setpoint),
+            "power": r.map(|r| r.power),
+            "ext_is_used": r.map(|r| r.ext_is_used),
+            "running": r.map(|r| r.status.code == 3 || r.status.code == 1),
+            "fsm_state": self.state.as_str(),
+            "error": self.error,
+        })
+    }
+}
