@@ -69,6 +69,76 @@ fn broken_configs_are_refused_with_a_precise_message() {
     assert!(text.contains("cannot read file"), "{text}");
 }
 
+/// `dcs up --simulate` with the shipped julabo configs (ports moved to free ones):
+/// the simulator and the driver come up under the launcher and the chiller reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_simulate_runs_julabo_with_its_simulator() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p4, sim_port, ctl_port) = (free_port(), free_port(), free_port());
+    let deploy = repo_root().join("deploy");
+    let sim_cfg = std::fs::read_to_string(deploy.join("julabo-sim.yaml"))
+        .unwrap()
+        .replace("127.0.0.1:5050", &format!("127.0.0.1:{sim_port}"))
+        .replace("127.0.0.1:5051", &format!("127.0.0.1:{ctl_port}"));
+    std::fs::write(dir.path().join("julabo-sim.yaml"), sim_cfg).unwrap();
+    let drv_cfg = std::fs::read_to_string(deploy.join("julabo.yaml"))
+        .unwrap()
+        .replace("poll_interval_secs: 5", "poll_interval_secs: 1");
+    std::fs::write(dir.path().join("julabo.yaml"), drv_cfg).unwrap();
+    let config = dir.path().join("dcs.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: state\n\
+             mqtt: {{url: mqtt://127.0.0.1:{p4}, username: alice, password_file: state/secret}}\n\
+             broker:\n  listeners: {{mqtt: 127.0.0.1:{p4}, mqtt5: null, websocket: null}}\n  \
+             auth: {{password_file: state/passwd}}\n  meters_interval_secs: 0\n\
+             services: {{julabo: {{config: julabo.yaml}}}}\n\
+             simulators: {{julabo-sim: {{config: julabo-sim.yaml}}}}\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("dcs"));
+    cmd.args(["up", "--simulate", "--config"])
+        .arg(&config)
+        .env("JULABO_PORT", format!("tcp://127.0.0.1:{sim_port}"));
+    let mut up = spawn_until(cmd, "dcs: up;", WAIT);
+    let secret = std::fs::read_to_string(dir.path().join("state/secret")).unwrap();
+    let mut o = Observer::connect_as(
+        p4,
+        "obs",
+        "alice",
+        secret.trim(),
+        &["julabo/status", "dcs-launcher/status"],
+    )
+    .await;
+    let g = o
+        .wait_for("julabo/status", WAIT, |p| {
+            p.contains("\"fsm_state\":\"OFF\"")
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "julabo never reported OFF; launcher said:\n{}",
+                up.stderr_text()
+            )
+        });
+    let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
+    assert_eq!(v["status_code"], 2);
+    let g = o
+        .wait_for("dcs-launcher/status", WAIT, |p| p.contains("julabo-sim"))
+        .await
+        .expect("launcher lists the simulator");
+    let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
+    for c in ["broker", "julabo", "julabo-sim"] {
+        assert_eq!(v["components"][c]["state"], "running", "{v}");
+    }
+    let status = up
+        .terminate(Duration::from_secs(15))
+        .expect("dcs up did not stop within 15 s");
+    assert!(status.success(), "{status}");
+}
+
 fn pid_of(status: &serde_json::Value, component: &str) -> Option<i32> {
     status["components"][component]["pid"]
         .as_i64()
