@@ -84,6 +84,15 @@ pub fn parse<C: Command>(name: &str, msg: &Message) -> Option<Result<C, CommandE
         "" => Vec::new(),
         r => r.strip_prefix('/')?.split('/').collect(),
     };
+    if msg.retain {
+        // Delivered from the broker's retained store: executing it would repeat the
+        // command after every reconnect or restart, long after the operator sent it.
+        return Some(Err(CommandError::new(format!(
+            "`{}` was published retained and is not executed: send commands without the \
+             retain flag, and clear this one with an empty retained message",
+            msg.topic
+        ))));
+    }
     if path.is_empty() || path.iter().any(|p| p.is_empty()) {
         return Some(Err(CommandError::new(format!(
             "`{}` names no command: use {name}/cmd/<command>",
@@ -170,6 +179,14 @@ mod tests {
                 ))),
             }
         }
+    }
+
+    #[test]
+    fn retained_commands_are_not_executed() {
+        let mut m = msg("dcs/cmd/switch", b"on");
+        m.retain = true;
+        let e = parse::<Cmd>("dcs", &m).unwrap().unwrap_err();
+        assert!(e.0.contains("published retained"), "{e}");
     }
 
     fn msg(topic: &str, payload: &'static [u8]) -> Message {

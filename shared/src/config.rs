@@ -6,7 +6,9 @@
 //!
 //! Before parsing, `${VAR}` and `${VAR:-default}` are replaced by environment variables
 //! (as Telegraf does), so URLs and secrets can stay out of the file. An unset variable
-//! without a default is an error naming the variable and the line.
+//! without a default is an error naming the variable and the line. The value is pasted
+//! as-is: quote the reference (`password: "${MQTT_PASSWORD}"`) when the value may hold
+//! YAML syntax such as ` #`, `: ` or `{`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

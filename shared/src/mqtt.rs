@@ -330,6 +330,8 @@ struct Inner {
     retained: Mutex<BTreeMap<String, Bytes>>,
     connected: AtomicBool,
     stopping: AtomicBool,
+    /// Some retained state could not be queued; the driver sends it all again.
+    dirty: AtomicBool,
     driver: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -410,6 +412,7 @@ impl Session {
             retained: Mutex::new(BTreeMap::new()),
             connected: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
             driver: Mutex::new(None),
         });
         let handle = tokio::spawn(drive(
@@ -455,19 +458,22 @@ impl Session {
 
     /// Publishes retained state (QoS 1) and remembers it, so that it is published again
     /// after every reconnect. Never blocks: while the broker is away the value waits in
-    /// memory and the latest one is sent when the connection returns.
+    /// memory, and a value that finds the request queue full is retried by the session.
     pub fn publish_state(&self, topic: &str, payload: impl Into<Bytes>) {
         let payload = payload.into();
-        if let Ok(mut r) = self.inner.retained.lock() {
-            r.insert(topic.to_string(), payload.clone());
-        }
+        let Ok(mut state) = self.inner.retained.lock() else {
+            return;
+        };
+        state.insert(topic.to_string(), payload.clone());
+        // Queued under the lock, so the queue order is the map order: a restore running
+        // at the same time can never send an older value after this one.
         if self.is_connected()
             && !self
                 .inner
                 .client
                 .try_publish(topic, QoS::AtLeastOnce, true, payload)
         {
-            tracing::debug!(topic, "request queue full; state will be sent on reconnect");
+            self.inner.dirty.store(true, Ordering::SeqCst);
         }
     }
 
@@ -502,12 +508,20 @@ impl Session {
                 payload.clone(),
             )
             .await?;
-        if let (Some(rt), Client::V5(c)) = (&command.response_topic, &self.inner.client) {
+        let response_topic = command.response_topic.as_deref().filter(|rt| {
+            // Never let a requester make us publish a command, or to a wildcard.
+            let ok = !rt.is_empty() && !rt.contains("/cmd/") && !rt.contains(['+', '#']);
+            if !ok {
+                tracing::warn!(response_topic = rt, "response topic refused");
+            }
+            ok
+        });
+        if let (Some(rt), Client::V5(c)) = (response_topic, &self.inner.client) {
             let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
                 correlation_data: command.correlation_data.clone(),
                 ..Default::default()
             };
-            c.publish_with_properties(rt.as_str(), qos5(QoS::AtLeastOnce), false, payload, props)
+            c.publish_with_properties(rt, qos5(QoS::AtLeastOnce), false, payload, props)
                 .await
                 .map_err(|_| SessionError::Closed)?;
         }
@@ -564,18 +578,24 @@ impl Inner {
                     return;
                 }
             }
-            let state = inner.retained.lock().map(|r| r.clone()).unwrap_or_default();
-            for (topic, payload) in state {
-                if inner
-                    .client
-                    .publish(&topic, QoS::AtLeastOnce, true, payload)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
+            inner.flush_state();
         });
+    }
+
+    /// Queues every retained state value; marks the session dirty if the queue is full.
+    fn flush_state(&self) {
+        let Ok(state) = self.retained.lock() else {
+            return;
+        };
+        for (topic, payload) in state.iter() {
+            if !self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, true, payload.clone())
+            {
+                self.dirty.store(true, Ordering::SeqCst);
+                return;
+            }
+        }
     }
 }
 
@@ -656,6 +676,9 @@ async fn drive(
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut last_error = String::new();
     loop {
+        if inner.connected.load(Ordering::SeqCst) && inner.dirty.swap(false, Ordering::SeqCst) {
+            inner.flush_state();
+        }
         match el.step().await {
             Step::ConnAck => {
                 if backoff.attempts() > 0 {
@@ -680,10 +703,16 @@ async fn drive(
                     break;
                 }
                 let was_connected = inner.connected.swap(false, Ordering::SeqCst);
-                // rumqttd closes the socket on a refused login, with no CONNACK code.
-                let reason = if auth
-                    || (!was_connected && reason.contains("I/O") && backoff.attempts() > 0)
-                {
+                // rumqttd closes the socket on a refused login, with no CONNACK code:
+                // accepted TCP connection, then closed before CONNACK. A broker that is
+                // down refuses the TCP connection instead, and gets no hint.
+                let lower = reason.to_ascii_lowercase();
+                let closed_at_login = !was_connected
+                    && !lower.contains("refused")
+                    && (lower.contains("closed")
+                        || lower.contains("reset")
+                        || lower.contains("eof"));
+                let reason = if auth || closed_at_login {
                     format!("{reason} (check the MQTT username and password)")
                 } else {
                     reason

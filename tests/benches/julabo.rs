@@ -38,7 +38,8 @@ async fn main() {
     let ep = Endpoint::parse(&format!("tcp://127.0.0.1:{port}")).unwrap();
     let serial = SerialSettings::default();
 
-    println!("julabo status cycle (9 queries) over TCP against julabo-sim (unit drops commands < 250 ms apart)");
+    println!("julabo status cycle (9 queries) over TCP against julabo-sim (unit drops commands < 250 ms apart);");
+    println!("spacing is counted from the end of the previous command at 4800 baud 7E1, as the driver does");
     println!(
         "{:>12} {:>8} {:>12} {:>10} {:>14}",
         "spacing ms", "cycles", "median s", "failed", "unit dropped"
@@ -50,7 +51,8 @@ async fn main() {
             open(&ep, &serial, Duration::from_secs(3)).await.unwrap(),
             Duration::from_millis(spacing),
             Duration::from_millis(400),
-        );
+        )
+        .with_line_speed(&serial);
         let mut times = Vec::new();
         let mut failed = 0;
         for _ in 0..5 {

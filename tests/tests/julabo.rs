@@ -274,8 +274,9 @@ struct Stack {
     _dir: tempfile::TempDir,
 }
 
-/// The MQTT tests run the unit and the driver with 30/40 ms spacing instead of 250/260:
-/// the same pacing logic, ten times fewer seconds of CI.
+/// The MQTT tests run the unit and the driver with 30/40 ms spacing instead of 250/260,
+/// and count transmission time at 115200 baud: the same pacing logic, ten times fewer
+/// seconds of CI.
 fn stack() -> Stack {
     let sim = Sim::start(&["--min-spacing-ms", "30"]);
     let broker = Broker::start(BrokerKind::Dcs);
@@ -285,7 +286,7 @@ fn stack() -> Stack {
         &cfg,
         format!(
             "name: julabo\nport: {}\ntiming: {{min_spacing_ms: 40, poll_interval_secs: 0.5, reply_timeout_ms: 300, failures_before_reconnect: 2}}\n\
-             limits: {{temp_min: -30, temp_max: 40}}\nmqtt: {{url: {}, username: {USER}, password: {PASS}}}\n",
+             serial: {{baud: 115200}}\nlimits: {{temp_min: -30, temp_max: 40}}\nmqtt: {{url: {}, username: {USER}, password: {PASS}}}\n",
             sim.url(),
             broker.url()
         ),
@@ -413,8 +414,35 @@ async fn mqtt_commands_end_to_end() {
         );
     }
     let after = st.sim.state();
-    assert_eq!(before["setpoints"], after["setpoints"]);
-    assert_eq!(before["pump"], after["pump"]);
+    for field in [
+        "setpoints",
+        "pump",
+        "running",
+        "active",
+        "external",
+        "remote",
+    ] {
+        assert_eq!(
+            before[field], after[field],
+            "{field} changed by a refused command"
+        );
+    }
+
+    // A set-point stored out of limits (front panel) cannot be activated or started.
+    st.sim.ctl("remote on");
+    let r = command(&mut obs, "useSP", r#"{"setpoint": 3}"#).await;
+    assert_eq!(r["ok"], true, "{r}"); // 10 degC: fine
+    assert_eq!(st.sim.ctl("setpoint 1 45"), "ok"); // typed on the unit: 45 > 40
+    let r = command(&mut obs, "useSP", r#"{"setpoint": 1}"#).await;
+    assert_eq!(r["ok"], false);
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("set-point 1 is 45 degC, outside"),
+        "{r}"
+    );
+    assert_eq!(st.sim.state()["active"], 2, "active set-point unchanged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -295,3 +295,38 @@ fn unusable_settings_are_refused_up_front() {
         .expect("refused");
     assert!(err.to_string().contains("no port"), "{err}");
 }
+
+/// A command left retained on the broker reaches a (re)starting service flagged as
+/// retained, and the envelope refuses it rather than running it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_command_is_refused_not_replayed() {
+    use dcs_shared::command::{self, Command, CommandError};
+    #[derive(Debug)]
+    struct Start;
+    impl Command for Start {
+        fn parse(path: &[&str], _: &[u8]) -> Result<Self, CommandError> {
+            match path {
+                ["start"] => Ok(Start),
+                _ => Err(CommandError::new("unknown")),
+            }
+        }
+    }
+    let broker = Broker::start(BrokerKind::Dcs);
+    let obs = Observer::connect(broker.port, "stale-publisher", &[]).await;
+    obs.client
+        .publish("svc9/cmd/start", rumqttc::QoS::AtLeastOnce, true, "on")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let options = SessionOptions::new("svc9").subscribe("svc9/cmd/#", QoS::AtLeastOnce);
+    let (_session, mut events) =
+        Session::start(&settings(broker.url(), MqttVersion::V311), options).unwrap();
+    let SessionEvent::Message(m) =
+        next_event(&mut events, |e| matches!(e, SessionEvent::Message(_))).await
+    else {
+        unreachable!()
+    };
+    assert!(m.retain);
+    let err = command::parse::<Start>("svc9", &m).unwrap().unwrap_err();
+    assert!(err.0.contains("published retained"), "{err}");
+}

@@ -161,6 +161,19 @@ impl Device {
         self.remote = remote;
     }
 
+    /// Sets set-point `index` (0..2) from the front panel: no remote mode, no spacing,
+    /// only the unit's own range.
+    pub fn panel_setpoint(&mut self, index: usize, t: f64) -> Result<(), &'static str> {
+        if index > 2 {
+            return Err("set-point must be 1..3");
+        }
+        if !(t.is_finite() && (self.cfg.setpoint_min..=self.cfg.setpoint_max).contains(&t)) {
+            return Err("outside the unit's range");
+        }
+        self.setpoints[index] = t;
+        Ok(())
+    }
+
     fn mode_status(&self) -> i8 {
         match (self.remote, self.running) {
             (false, false) => 0,
@@ -283,7 +296,7 @@ impl Device {
         if !self.remote {
             return Err(-9);
         }
-        let value: f64 = arg.parse().map_err(|_| -8)?;
+        let value: f64 = arg.parse().ok().filter(|v: &f64| v.is_finite()).ok_or(-8)?;
         let int = || -> Result<i64, i8> {
             if value.fract() == 0.0 {
                 Ok(value as i64)

@@ -4,7 +4,8 @@
 //!
 //! Control port protocol (one command per line, answered `ok`, `error: ...` or JSON):
 //! `state` (JSON snapshot), `silent on|off`, `garbage on|off`, `alarm <code>|clear`,
-//! `remote on|off` (front-panel remote/manual key), `drop` (close TCP clients).
+//! `remote on|off` (front-panel remote/manual key), `setpoint N T` (set-point N from the
+//! front panel), `drop` (close TCP clients).
 
 pub mod device;
 pub mod server;

@@ -196,11 +196,18 @@ async fn control(sock: tokio::net::TcpStream, dev: Shared, drop_tx: broadcast::S
                     }
                     _ => "error: alarm code must be -1..-14".into(),
                 },
+                ["setpoint", n, t] => match (n.parse::<usize>(), t.parse::<f64>()) {
+                    (Ok(n), Ok(t)) if n >= 1 => match d.panel_setpoint(n - 1, t) {
+                        Ok(()) => "ok".into(),
+                        Err(e) => format!("error: {e}"),
+                    },
+                    _ => "error: setpoint N T, N in 1..3".into(),
+                },
                 ["drop"] => {
                     let _ = drop_tx.send(());
                     "ok".into()
                 }
-                _ => "error: commands are state, silent on|off, garbage on|off, alarm N|clear, remote on|off, drop".into(),
+                _ => "error: commands are state, silent on|off, garbage on|off, alarm N|clear, remote on|off, setpoint N T, drop".into(),
             }
         };
         if w.write_all(format!("{answer}\n").as_bytes()).await.is_err() {

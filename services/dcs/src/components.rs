@@ -12,7 +12,27 @@ use crate::stack::StackConfig;
 pub const BROKER: Component = Component {
     name: "broker",
     kind: Kind::Broker,
-    check: |_, _| Ok(()),
+    check: |stack, _| {
+        // The password files exist once `dcs up` has run; if they do, they must be usable.
+        if let Some(f) = stack
+            .broker
+            .as_ref()
+            .and_then(|b| b.auth.password_file.as_deref())
+        {
+            if f.exists() {
+                dcs_broker::auth::PasswordFile::load(f)?;
+            }
+        }
+        if stack
+            .mqtt
+            .password_file
+            .as_deref()
+            .is_some_and(Path::exists)
+        {
+            stack.mqtt.resolve_password().map_err(anyhow::Error::msg)?;
+        }
+        Ok(())
+    },
     run: run_broker,
 };
 

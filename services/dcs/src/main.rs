@@ -176,7 +176,13 @@ async fn up(path: &Path, simulate: bool) -> anyhow::Result<()> {
     );
 
     let signal = signals.recv().await;
-    tracing::info!(signal, "stopping the stack");
+    tracing::info!(signal, "stopping the stack (a second Ctrl-C exits at once)");
+    tokio::spawn(async move {
+        let again = signals.recv().await;
+        // Children get SIGTERM from the kernel when we go (PR_SET_PDEATHSIG).
+        eprintln!("dcs: {again} again: exiting without waiting for the components");
+        std::process::exit(130);
+    });
     services_stop.cancel();
     for t in service_tasks {
         let _ = t.await;

@@ -161,8 +161,15 @@ pub fn ensure_service_account(stack: &StackConfig) -> anyhow::Result<Option<Stri
         created = true;
         pw
     };
-    let existing = std::fs::read_to_string(passwd_file).unwrap_or_default();
-    let users = dcs_broker::auth::PasswordFile::parse(&existing).unwrap_or_default();
+    // Only a missing file is empty: an unreadable one must not be rewritten with our
+    // user alone, which would lock every operator out.
+    let existing = match std::fs::read_to_string(passwd_file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => anyhow::bail!("cannot read {}: {e}", passwd_file.display()),
+    };
+    let users = dcs_broker::auth::PasswordFile::parse(&existing)
+        .map_err(|(line, m)| anyhow::anyhow!("{}, line {line}: {m}", passwd_file.display()))?;
     if users.verify(user, &password) {
         return Ok(created.then(|| {
             format!(
@@ -187,19 +194,26 @@ pub fn ensure_service_account(stack: &StackConfig) -> anyhow::Result<Option<Stri
     )))
 }
 
+/// Writes `text` to `path` with mode 0600, atomically (temporary file, then rename),
+/// so a crash never leaves a half-written password file.
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("dcs")
+    ));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }
 
@@ -241,5 +255,15 @@ mod tests {
         // Second start: nothing to do, same password.
         assert_eq!(ensure_service_account(&stack).unwrap(), None);
         assert_eq!(std::fs::read_to_string(&secret).unwrap(), pw);
+        // A password file we cannot parse is reported, never overwritten.
+        let passwd = dir.path().join("s/passwd");
+        std::fs::write(&passwd, "operator:plaintext\n").unwrap();
+        std::fs::write(&secret, "other\n").unwrap();
+        let e = ensure_service_account(&stack).unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&passwd).unwrap(),
+            "operator:plaintext\n"
+        );
     }
 }

@@ -113,7 +113,7 @@ pub async fn supervise(
                     s.state = "restarting";
                     s.last_exit = Some(format!("cannot start: {e}"));
                 });
-                if sleep_or_stop(delay, &shutdown).await {
+                if wait_backoff(delay, &shutdown, &mut restart).await {
                     break;
                 }
                 continue;
@@ -145,7 +145,7 @@ pub async fn supervise(
                     s.last_exit = Some(how);
                     s.restarts += 1;
                 });
-                if sleep_or_stop(delay, &shutdown).await {
+                if wait_backoff(delay, &shutdown, &mut restart).await {
                     break;
                 }
             }
@@ -176,10 +176,16 @@ pub async fn supervise(
     });
 }
 
-/// Sleeps `delay`; returns true if shutdown came first.
-async fn sleep_or_stop(delay: Duration, shutdown: &CancellationToken) -> bool {
+/// Waits out a restart delay; a restart request ends it early (and is consumed, so it
+/// does not also stop the child about to start). Returns true if shutdown came first.
+async fn wait_backoff(
+    delay: Duration,
+    shutdown: &CancellationToken,
+    restart: &mut mpsc::Receiver<()>,
+) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(delay) => false,
+        Some(()) = restart.recv() => false,
         _ = shutdown.cancelled() => true,
     }
 }
@@ -209,13 +215,17 @@ async fn stop(name: &str, child: &mut Child) -> String {
 }
 
 /// Copies a child's output to our stderr, one line at a time, prefixed with its name.
+/// Bytes that are not UTF-8 are shown lossily rather than ending the copy.
 fn forward(name: &str, out: Option<impl AsyncRead + Unpin + Send + 'static>) {
     let Some(out) = out else { return };
     let prefix = format!("{name:>12} | ");
     tokio::spawn(async move {
-        let mut lines = BufReader::new(out).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("{prefix}{line}");
+        let mut reader = BufReader::new(out);
+        let mut line = Vec::new();
+        while matches!(reader.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
+            let text = String::from_utf8_lossy(&line);
+            eprintln!("{prefix}{}", text.trim_end_matches(['\n', '\r']));
+            line.clear();
         }
     });
 }

@@ -48,6 +48,12 @@ pub async fn read_all(link: &mut Link, power_pv: u8) -> Result<Reading, LinkErro
         *sp = link.float(Query::Setpoint(i as u8)).await?;
     }
     let active = link.int(Query::ActiveSetpoint).await?;
+    if !(0..=2).contains(&active) {
+        return Err(LinkError::Garbled(
+            "IN_MODE_01".into(),
+            crate::protocol::ProtocolError(format!("active set-point {active} is not 0, 1 or 2")),
+        ));
+    }
     let ext = link.int(Query::ExternalControl).await?;
     Ok(Reading {
         status,
@@ -55,7 +61,7 @@ pub async fn read_all(link: &mut Link, power_pv: u8) -> Result<Reading, LinkErro
         external_temp,
         power,
         setpoints,
-        used_setpoint: u8::try_from(active + 1).unwrap_or(0),
+        used_setpoint: active as u8 + 1,
         ext_is_used: ext == 1,
     })
 }
@@ -105,11 +111,14 @@ impl Chiller {
         match transport::open(&self.endpoint, &self.cfg.serial, Duration::from_secs(3)).await {
             Ok(port) => {
                 tracing::info!(port = %self.cfg.port, "line open");
-                self.link = Some(Link::new(
-                    port,
-                    Duration::from_millis(t.min_spacing_ms),
-                    Duration::from_millis(t.reply_timeout_ms),
-                ));
+                self.link = Some(
+                    Link::new(
+                        port,
+                        Duration::from_millis(t.min_spacing_ms),
+                        Duration::from_millis(t.reply_timeout_ms),
+                    )
+                    .with_line_speed(&self.cfg.serial),
+                );
                 self.state = State::Connected;
                 self.failures = 0;
                 true
@@ -200,20 +209,24 @@ impl Chiller {
             }
         }
         match cmd {
-            JulaboCommand::Refresh => {
+            JulaboCommand::Refresh | JulaboCommand::Reconnect => {
+                if *cmd == JulaboCommand::Reconnect {
+                    self.link = None;
+                    self.state = State::Disconnected;
+                    self.next_open = Instant::now();
+                    self.backoff.reset();
+                }
                 self.poll().await;
-                return Ok(());
-            }
-            JulaboCommand::Reconnect => {
-                self.link = None;
-                self.state = State::Disconnected;
-                self.next_open = Instant::now();
-                self.backoff.reset();
-                self.poll().await;
+                if self.state == State::Connected {
+                    // The first query after opening may be lost (SPEC 5.1): once more.
+                    self.poll().await;
+                }
+                // Only a status actually read counts as done.
                 return match self.state {
-                    State::Disconnected => {
-                        Err(self.error.clone().unwrap_or_else(|| "not connected".into()))
-                    }
+                    State::Disconnected | State::Connected => Err(format!(
+                        "no status from the chiller: {}",
+                        self.error.as_deref().unwrap_or("not connected")
+                    )),
                     _ => Ok(()),
                 };
             }
@@ -246,6 +259,33 @@ impl Chiller {
         let Some(link) = self.link.as_mut() else {
             return Err("the chiller is not connected".into());
         };
+        // A set-point stored out of range (from the front panel, say) must not become
+        // the one the unit drives to.
+        let activates = match *cmd {
+            JulaboCommand::UseSP(n) => Some(Ok(n - 1)),
+            JulaboCommand::Start => Some(
+                link.int(Query::ActiveSetpoint)
+                    .await
+                    .map(|i| i.clamp(0, 2) as u8),
+            ),
+            _ => None,
+        };
+        if let Some(index) = activates {
+            let index = index.map_err(|e| e.to_string())?;
+            let t = link
+                .float(Query::Setpoint(index))
+                .await
+                .map_err(|e| e.to_string())?;
+            let l = &self.cfg.limits;
+            if !(l.temp_min..=l.temp_max).contains(&t) {
+                return Err(format!(
+                    "set-point {} is {t} degC, outside the configured limits {} .. {} degC: set it with setWT first",
+                    index + 1,
+                    l.temp_min,
+                    l.temp_max
+                ));
+            }
+        }
         let result = link.write(write).await;
         match result {
             Ok(()) => {

@@ -139,18 +139,21 @@ impl Validate for JulaboConfig {
                 "below the unit's 250 ms: it will drop commands"
             );
         }
-        if t.reply_timeout_ms == 0 {
-            return err("timing.reply_timeout_ms", "must be > 0");
+        if t.min_spacing_ms > 10_000 {
+            return err("timing.min_spacing_ms", "must be at most 10000");
         }
-        // Written so that NaN fails too.
-        if t.poll_interval_secs.is_nan() || t.poll_interval_secs < 0.5 {
-            return err("timing.poll_interval_secs", "must be at least 0.5");
+        if t.reply_timeout_ms == 0 || t.reply_timeout_ms > 60_000 {
+            return err("timing.reply_timeout_ms", "must be between 1 and 60000");
+        }
+        // Written so that NaN and infinity fail too.
+        if !(t.poll_interval_secs.is_finite() && (0.5..=3600.0).contains(&t.poll_interval_secs)) {
+            return err("timing.poll_interval_secs", "must be between 0.5 and 3600");
         }
         if t.failures_before_reconnect == 0 {
             return err("timing.failures_before_reconnect", "must be > 0");
         }
         let (lo, hi) = (self.limits.temp_min, self.limits.temp_max);
-        if lo.is_nan() || hi.is_nan() || lo >= hi {
+        if !(lo.is_finite() && hi.is_finite()) || lo >= hi {
             return err("limits.temp_max", "must be above limits.temp_min");
         }
         if !matches!(self.power_pv, 1 | 2) {

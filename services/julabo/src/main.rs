@@ -134,7 +134,8 @@ async fn one_shot(a: &Args, port: &str) -> Result<String, String> {
     let p = transport::open(&endpoint, &serial, Duration::from_secs(3))
         .await
         .map_err(|e| e.to_string())?;
-    let mut link = Link::new(p, Duration::from_millis(260), Duration::from_secs(1));
+    let mut link =
+        Link::new(p, Duration::from_millis(260), Duration::from_secs(1)).with_line_speed(&serial);
     // The first query after opening may time out on a real unit: one retry.
     if let Err(LinkError::Timeout(..)) = link.query(Query::Version).await {
         link.query(Query::Version)
@@ -152,10 +153,11 @@ async fn one_shot(a: &Args, port: &str) -> Result<String, String> {
         format!("{:.1}", r.power)
     } else if a.read_sp {
         let n = link.int(Query::ActiveSetpoint).await.map_err(e)?;
-        let t = link
-            .float(Query::Setpoint(u8::try_from(n).unwrap_or(0)))
-            .await
-            .map_err(e)?;
+        let n = u8::try_from(n)
+            .ok()
+            .filter(|n| *n <= 2)
+            .ok_or(format!("the chiller reports active set-point {n}"))?;
+        let t = link.float(Query::Setpoint(n)).await.map_err(e)?;
         format!("setpoint {}: {t:.2}", n + 1)
     } else if a.read_wt {
         format!("{:.2}", link.float(Query::Setpoint(sp)).await.map_err(e)?)

@@ -131,6 +131,10 @@ pub enum LinkError {
     /// The unit rejected a write (its STATUS reports why).
     #[error("the chiller refused `{0}`: {1}")]
     Refused(String, Status),
+    /// A write without read-back while the unit is in alarm: its STATUS shows the
+    /// alarm, so a refusal would be hidden; nothing can confirm the write.
+    #[error("`{0}` cannot be verified while the chiller reports {1}")]
+    Unverified(String, Status),
     /// A write was not applied although the unit reported no error.
     #[error("`{0}` not applied: the chiller reads back {1}")]
     NotApplied(String, String),
@@ -154,7 +158,10 @@ pub struct Link {
     buf: Vec<u8>,
     spacing: Duration,
     timeout: Duration,
+    /// Time one character takes on the serial line (0 when unknown).
+    char_time: Duration,
     last_sent: Option<Instant>,
+    last_len: u32,
     /// Commands sent, for the benchmark and logs.
     pub commands_sent: u64,
 }
@@ -167,20 +174,34 @@ impl Link {
             buf: Vec::new(),
             spacing,
             timeout,
+            char_time: Duration::ZERO,
             last_sent: None,
+            last_len: 0,
             commands_sent: 0,
         }
+    }
+
+    /// Counts the previous command's transmission time into the spacing. Writes return
+    /// when the bytes are queued (socket, or kernel buffer of a serial port), not when
+    /// they are on the wire: at 4800 baud a 17-character command takes 35 ms, enough to
+    /// bring the next one under the unit's 250 ms.
+    pub fn with_line_speed(mut self, serial: &SerialSettings) -> Link {
+        let parity = u32::from(serial.parity != "none");
+        let bits = 1 + u32::from(serial.data_bits) + parity + u32::from(serial.stop_bits);
+        self.char_time = Duration::from_secs_f64(f64::from(bits) / f64::from(serial.baud.max(1)));
+        self
     }
 
     /// Sends one command (CR-terminated), waiting only what the spacing still requires.
     pub async fn send(&mut self, text: &str) -> Result<(), LinkError> {
         if let Some(t) = self.last_sent {
-            tokio::time::sleep_until(t + self.spacing).await;
+            tokio::time::sleep_until(t + self.spacing + self.char_time * self.last_len).await;
         }
         self.discard_stale().await?;
         self.port.write_all(format!("{text}\r").as_bytes()).await?;
         self.port.flush().await?;
         self.last_sent = Some(Instant::now());
+        self.last_len = u32::try_from(text.len() + 1).unwrap_or(u32::MAX);
         self.commands_sent += 1;
         Ok(())
     }
@@ -262,6 +283,9 @@ impl Link {
         let status = self.status().await?;
         if (-13..=-8).contains(&status.code) {
             return Err(LinkError::Refused(text, status));
+        }
+        if status.is_error() && w.readback().is_none() {
+            return Err(LinkError::Unverified(text, status));
         }
         if let Some(q) = w.readback() {
             let reply = self.query(q).await?;
