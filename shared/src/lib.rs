@@ -7,14 +7,18 @@
 //! - [`command`]: the command/reply envelope every service speaks (SPEC 3.4);
 //! - [`time`]: UTC nanosecond timestamps;
 //! - [`logging`] and [`shutdown`]: `tracing` setup and SIGTERM/SIGINT handling;
-//! - [`backoff`]: exponential backoff with jitter.
+//! - [`backoff`]: exponential backoff with jitter;
+//! - [`line_protocol`]: InfluxDB line protocol encoding;
+//! - [`spool`]: a durable on-disk queue (checksummed segments, persisted cursor).
 
 pub mod backoff;
 pub mod command;
 pub mod config;
+pub mod line_protocol;
 pub mod logging;
 pub mod mqtt;
 pub mod shutdown;
+pub mod spool;
 pub mod time;
 
 pub use command::{Command, CommandError, Reply};

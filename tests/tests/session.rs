@@ -52,12 +52,18 @@ async fn recovers_after_broker_restart(kind: BrokerKind) {
         .await
         .expect("birth message");
     assert_eq!(online.payload, "true");
-    let status = obs
-        .wait_for("svc/status", WAIT, |p| p == "LV_ON")
+    obs.wait_for("svc/status", WAIT, |p| p == "LV_ON")
         .await
         .expect("state");
-    assert!(status.retain, "state is published retained");
     drop(obs);
+    // Retained: a subscriber arriving after the publish gets it from the broker.
+    let mut late = Observer::connect(broker.port, "obs1b", &["svc/status"]).await;
+    let status = late
+        .next_on("svc/status", WAIT)
+        .await
+        .expect("retained state");
+    assert_eq!((status.payload.as_str(), status.retain), ("LV_ON", true));
+    drop(late);
 
     // The broker dies and comes back empty (no persistence): nothing retained survives.
     broker.kill();
@@ -317,7 +323,12 @@ async fn retained_command_is_refused_not_replayed() {
         .publish("svc9/cmd/start", rumqttc::QoS::AtLeastOnce, true, "on")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stored on the broker before the service starts.
+    let mut check = Observer::connect(broker.port, "check", &["svc9/cmd/start"]).await;
+    assert!(check
+        .next_on("svc9/cmd/start", WAIT)
+        .await
+        .is_some_and(|g| g.retain));
     let options = SessionOptions::new("svc9").subscribe("svc9/cmd/#", QoS::AtLeastOnce);
     let (_session, mut events) =
         Session::start(&settings(broker.url(), MqttVersion::V311), options).unwrap();
