@@ -8,12 +8,13 @@
 //! - [`time`]: UTC nanosecond timestamps;
 //! - [`logging`] and [`shutdown`]: `tracing` setup and SIGTERM/SIGINT handling;
 //! - [`backoff`]: exponential backoff with jitter;
-//! - [`line_protocol`]: InfluxDB line protocol encoding;
+//! - [`line_protocol`] and [`influx`]: InfluxDB line protocol and its v1/v2 writer;
 //! - [`spool`]: a durable on-disk queue (checksummed segments, persisted cursor).
 
 pub mod backoff;
 pub mod command;
 pub mod config;
+pub mod influx;
 pub mod line_protocol;
 pub mod logging;
 pub mod mqtt;
