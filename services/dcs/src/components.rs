@@ -55,24 +55,24 @@ fn run_broker(
     })
 }
 
-fn config_file<'a>(name: &str, file: Option<&'a Path>) -> anyhow::Result<&'a Path> {
-    file.with_context(|| format!("`{name}` needs `config: FILE` in the stack config"))
+/// Loads a component's own config file, named in the stack config.
+fn load<T: serde::de::DeserializeOwned + dcs_shared::Validate>(
+    name: &str,
+    file: Option<&Path>,
+) -> anyhow::Result<T> {
+    let file =
+        file.with_context(|| format!("`{name}` needs `config: FILE` in the stack config"))?;
+    Ok(dcs_shared::config::load::<T>(file)?)
 }
 
 /// The Julabo chiller driver.
 pub const JULABO: Component = Component {
     name: "julabo",
     kind: Kind::Service,
-    check: |_, file| {
-        dcs_shared::config::load::<julabo::JulaboConfig>(config_file("julabo", file)?)?;
-        Ok(())
-    },
+    check: |_, file| load::<julabo::JulaboConfig>("julabo", file).map(drop),
     run: |stack, file, shutdown| {
         Box::pin(async move {
-            let cfg = dcs_shared::config::load::<julabo::JulaboConfig>(config_file(
-                "julabo",
-                file.as_deref(),
-            )?)?;
+            let cfg = load::<julabo::JulaboConfig>("julabo", file.as_deref())?;
             julabo::service::run(cfg, stack.mqtt, shutdown).await
         })
     },
@@ -82,16 +82,10 @@ pub const JULABO: Component = Component {
 pub const JULABO_SIM: Component = Component {
     name: "julabo-sim",
     kind: Kind::Simulator,
-    check: |_, file| {
-        dcs_shared::config::load::<julabo_sim::SimConfig>(config_file("julabo-sim", file)?)?;
-        Ok(())
-    },
+    check: |_, file| load::<julabo_sim::SimConfig>("julabo-sim", file).map(drop),
     run: |_, file, shutdown| {
         Box::pin(async move {
-            let cfg = dcs_shared::config::load::<julabo_sim::SimConfig>(config_file(
-                "julabo-sim",
-                file.as_deref(),
-            )?)?;
+            let cfg = load::<julabo_sim::SimConfig>("julabo-sim", file.as_deref())?;
             julabo_sim::run(cfg, shutdown).await
         })
     },
