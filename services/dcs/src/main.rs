@@ -177,11 +177,19 @@ async fn up(path: &Path, simulate: bool) -> anyhow::Result<()> {
 
     let signal = signals.recv().await;
     tracing::info!(signal, "stopping the stack (a second Ctrl-C exits at once)");
+    let first = std::time::Instant::now();
     tokio::spawn(async move {
-        let again = signals.recv().await;
-        // Children get SIGTERM from the kernel when we go (PR_SET_PDEATHSIG).
-        eprintln!("dcs: {again} again: exiting without waiting for the components");
-        std::process::exit(130);
+        loop {
+            let again = signals.recv().await;
+            // One signal often arrives twice (sent to the process and to its group, as
+            // `timeout` and group-wide kills do): only a later one is a second request.
+            if first.elapsed() < Duration::from_secs(1) {
+                continue;
+            }
+            // Children get SIGTERM from the kernel when we go (PR_SET_PDEATHSIG).
+            eprintln!("dcs: {again} again: exiting without waiting for the components");
+            std::process::exit(130);
+        }
     });
     services_stop.cancel();
     for t in service_tasks {
