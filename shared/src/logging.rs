@@ -24,6 +24,10 @@ pub fn init(default_level: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // When stderr breaks (the launcher holding our pipe died), tracing reports it
+        // with eprintln!, which panics on that same broken stderr and takes the task
+        // with it. A service must outlive its log reader: drop the line instead.
+        .log_internal_errors(false)
         .with_target(true);
     let _ = if json {
         builder.json().flatten_event(true).try_init()

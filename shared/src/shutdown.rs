@@ -52,8 +52,9 @@ pub fn on_signal() -> CancellationToken {
     let mut signals = Signals::install();
     tokio::spawn(async move {
         let name = signals.recv().await;
-        tracing::info!(signal = name, "shutting down");
+        // Cancel first: nothing (not even logging) may stand between a signal and the stop.
         trigger.cancel();
+        tracing::info!(signal = name, "shutting down");
     });
     token
 }

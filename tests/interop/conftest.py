@@ -427,14 +427,18 @@ class PahoClient:
             kw["clean_start"] = clean_start
         try:
             self.client.connect(self.broker.host, self.port, **kw)
-        except OSError:
+        except OSError as e:
             if expect_ok:
                 raise
-            return False
+            # No TCP connection at all is a dead listener, not a refused login.
+            raise AssertionError(f"paho {self.client_id}: cannot reach port {self.port} ({e}): "
+                                 "the listener is down, which is not a login refusal") from None
         self.client.loop_start()
         if not expect_ok:
             # A refusal is a socket close (rumqttd sends no CONNACK): stop waiting at it.
-            self.settled.wait(timeout)
+            # Neither accepted nor closed in time is a hang, not a refusal.
+            assert self.settled.wait(timeout), (
+                f"paho {self.client_id}: neither accepted nor refused within {timeout}s")
             return self.connected_ok.is_set()
         try:
             flags, rc = self.connack.get(timeout=timeout)

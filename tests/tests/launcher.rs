@@ -256,3 +256,42 @@ async fn up_supervises_and_stops_cleanly() {
     let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(new_pid), None).is_err();
     assert!(gone, "broker child {new_pid} still alive");
 }
+
+/// `dcs up` killed with SIGKILL (no chance to clean up) still leaves no child behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_die_with_a_killed_launcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let p4 = free_port();
+    let config = dir.path().join("dcs.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: state\n\
+             mqtt: {{url: mqtt://127.0.0.1:{p4}, username: alice, password_file: state/secret}}\n\
+             broker:\n  listeners: {{mqtt: 127.0.0.1:{p4}, mqtt5: null, websocket: null}}\n  \
+             auth: {{password_file: state/passwd}}\n  meters_interval_secs: 0\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("dcs"));
+    cmd.args(["up", "--config"]).arg(&config);
+    let mut up = spawn_until(cmd, "dcs: up;", WAIT);
+    let secret = std::fs::read_to_string(dir.path().join("state/secret")).unwrap();
+    let mut o = Observer::connect_as(p4, "obs", "alice", secret.trim(), &["dcs-launcher/status"]).await;
+    let g = o
+        .wait_for("dcs-launcher/status", WAIT, |p| p.contains("\"pid\":"))
+        .await
+        .expect("status with the broker's pid");
+    let status: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
+    let broker = nix::unistd::Pid::from_raw(pid_of(&status, "broker").unwrap());
+    drop(o);
+    up.kill();
+    let deadline = Instant::now() + WAIT;
+    // Gone, or a zombie waiting for init to reap it: either way not running.
+    while nix::sys::signal::kill(broker, None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{broker}/stat")).is_ok_and(|s| s.contains(") Z "))
+    {
+        assert!(Instant::now() < deadline, "broker {broker} outlived its launcher");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

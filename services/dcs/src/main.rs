@@ -213,8 +213,7 @@ async fn wait_listening(addr: SocketAddr, within: Duration) {
 }
 
 async fn run(name: &str, path: &Path) -> anyhow::Result<()> {
-    // Die with the launcher even if it is SIGKILLed.
-    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+    // `dcs up` sets PR_SET_PDEATHSIG before exec, so children die with the launcher.
     let stack = StackConfig::load(path)?;
     let (component, file) = stack
         .enabled(true)

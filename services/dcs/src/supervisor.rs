@@ -103,6 +103,14 @@ pub async fn supervise(
             // Own process group: a terminal's Ctrl-C reaches only the launcher, which
             // then stops the children in order.
             .process_group(0);
+        // SAFETY: runs in the child between fork and exec; prctl(2) is async-signal-safe
+        // and touches no memory of the parent. Set here rather than by the child itself so
+        // that a launcher dying at any moment leaves no orphan.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(std::io::Error::from)
+            });
+        }
         let started = Instant::now();
         let mut child = match cmd.spawn() {
             Ok(c) => c,
