@@ -277,7 +277,8 @@ async fn children_die_with_a_killed_launcher() {
     cmd.args(["up", "--config"]).arg(&config);
     let mut up = spawn_until(cmd, "dcs: up;", WAIT);
     let secret = std::fs::read_to_string(dir.path().join("state/secret")).unwrap();
-    let mut o = Observer::connect_as(p4, "obs", "alice", secret.trim(), &["dcs-launcher/status"]).await;
+    let mut o =
+        Observer::connect_as(p4, "obs", "alice", secret.trim(), &["dcs-launcher/status"]).await;
     let g = o
         .wait_for("dcs-launcher/status", WAIT, |p| p.contains("\"pid\":"))
         .await
@@ -289,9 +290,13 @@ async fn children_die_with_a_killed_launcher() {
     let deadline = Instant::now() + WAIT;
     // Gone, or a zombie waiting for init to reap it: either way not running.
     while nix::sys::signal::kill(broker, None).is_ok()
-        && !std::fs::read_to_string(format!("/proc/{broker}/stat")).is_ok_and(|s| s.contains(") Z "))
+        && !std::fs::read_to_string(format!("/proc/{broker}/stat"))
+            .is_ok_and(|s| s.contains(") Z "))
     {
-        assert!(Instant::now() < deadline, "broker {broker} outlived its launcher");
+        assert!(
+            Instant::now() < deadline,
+            "broker {broker} outlived its launcher"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
