@@ -85,19 +85,13 @@ async fn up_simulate_runs_julabo_with_its_simulator() {
         .unwrap()
         .replace("poll_interval_secs: 5", "poll_interval_secs: 1");
     std::fs::write(dir.path().join("julabo.yaml"), drv_cfg).unwrap();
-    let config = dir.path().join("dcs.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir: state\n\
-             mqtt: {{url: mqtt://127.0.0.1:{p4}, username: alice, password_file: state/secret}}\n\
-             broker:\n  listeners: {{mqtt: 127.0.0.1:{p4}, mqtt5: null, websocket: null}}\n  \
-             auth: {{password_file: state/passwd}}\n  meters_interval_secs: 0\n\
-             services: {{julabo: {{config: julabo.yaml}}}}\n\
-             simulators: {{julabo-sim: {{config: julabo-sim.yaml}}}}\n"
-        ),
-    )
-    .unwrap();
+    let config = write_stack(
+        dir.path(),
+        p4,
+        None,
+        None,
+        "services: {julabo: {config: julabo.yaml}}\nsimulators: {julabo-sim: {config: julabo-sim.yaml}}\n",
+    );
     let mut cmd = Command::new(bin("dcs"));
     cmd.args(["up", "--simulate", "--config"])
         .arg(&config)
@@ -139,6 +133,32 @@ async fn up_simulate_runs_julabo_with_its_simulator() {
     assert!(status.success(), "{status}");
 }
 
+/// Writes a stack config with the embedded broker on `p4` (and optional MQTT 5 and
+/// websocket ports), user `alice` created on first start, plus `rest` (YAML lines).
+fn write_stack(
+    dir: &Path,
+    p4: u16,
+    p5: Option<u16>,
+    ws: Option<u16>,
+    rest: &str,
+) -> std::path::PathBuf {
+    let addr = |p: Option<u16>| p.map_or("null".to_string(), |p| format!("127.0.0.1:{p}"));
+    let config = dir.join("dcs.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: state\n\
+             mqtt: {{url: mqtt://127.0.0.1:{p4}, username: alice, password_file: state/secret}}\n\
+             broker:\n  listeners: {{mqtt: 127.0.0.1:{p4}, mqtt5: {}, websocket: {}}}\n  \
+             auth: {{password_file: state/passwd}}\n  meters_interval_secs: 0\n{rest}",
+            addr(p5),
+            addr(ws)
+        ),
+    )
+    .unwrap();
+    config
+}
+
 fn pid_of(status: &serde_json::Value, component: &str) -> Option<i32> {
     status["components"][component]["pid"]
         .as_i64()
@@ -149,17 +169,7 @@ fn pid_of(status: &serde_json::Value, component: &str) -> Option<i32> {
 async fn up_supervises_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let (p4, p5, pws) = (free_port(), free_port(), free_port());
-    let config = dir.path().join("dcs.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir: state\n\
-             mqtt: {{url: mqtt://127.0.0.1:{p4}, username: alice, password_file: state/secret}}\n\
-             broker:\n  listeners: {{mqtt: 127.0.0.1:{p4}, mqtt5: 127.0.0.1:{p5}, websocket: 127.0.0.1:{pws}}}\n  \
-             auth: {{password_file: state/passwd}}\n  meters_interval_secs: 0\n"
-        ),
-    )
-    .unwrap();
+    let config = write_stack(dir.path(), p4, Some(p5), Some(pws), "");
     let mut cmd = Command::new(bin("dcs"));
     cmd.args(["up", "--config"]).arg(&config);
     let mut up = spawn_until(cmd, "dcs: up;", WAIT);
@@ -262,17 +272,7 @@ async fn up_supervises_and_stops_cleanly() {
 async fn children_die_with_a_killed_launcher() {
     let dir = tempfile::tempdir().unwrap();
     let p4 = free_port();
-    let config = dir.path().join("dcs.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir: state\n\
-             mqtt: {{url: mqtt://127.0.0.1:{p4}, username: alice, password_file: state/secret}}\n\
-             broker:\n  listeners: {{mqtt: 127.0.0.1:{p4}, mqtt5: null, websocket: null}}\n  \
-             auth: {{password_file: state/passwd}}\n  meters_interval_secs: 0\n"
-        ),
-    )
-    .unwrap();
+    let config = write_stack(dir.path(), p4, None, None, "");
     let mut cmd = Command::new(bin("dcs"));
     cmd.args(["up", "--config"]).arg(&config);
     let mut up = spawn_until(cmd, "dcs: up;", WAIT);
