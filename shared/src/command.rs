@@ -196,6 +196,7 @@ mod tests {
             retain: false,
             response_topic: None,
             correlation_data: None,
+            ack: None,
         }
     }
 

@@ -207,6 +207,10 @@ pub struct SessionOptions {
     pub clean_session: bool,
     /// Filters subscribed on every connect.
     pub subscriptions: Vec<(String, QoS)>,
+    /// QoS 1/2 messages are acknowledged only when the service calls [`Session::ack`]
+    /// (e.g. once a message is safely on disk); the broker redelivers the others after
+    /// a reconnect.
+    pub manual_acks: bool,
 }
 
 impl SessionOptions {
@@ -217,6 +221,7 @@ impl SessionOptions {
             client_id: name.to_string(),
             clean_session: true,
             subscriptions: Vec::new(),
+            manual_acks: false,
         }
     }
 
@@ -240,6 +245,16 @@ pub struct Message {
     pub response_topic: Option<String>,
     /// MQTT 5 correlation data set by the sender.
     pub correlation_data: Option<Bytes>,
+    /// With [`SessionOptions::manual_acks`], what to pass to [`Session::ack`] (QoS 1/2
+    /// messages only).
+    pub ack: Option<AckToken>,
+}
+
+/// The acknowledgement a manually acknowledged message is owed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckToken {
+    pkid: u16,
+    qos: QoS,
 }
 
 /// What the session reports to its service.
@@ -314,6 +329,22 @@ impl Client {
         r.map_err(|_| SessionError::Closed)
     }
 
+    async fn ack(&self, token: AckToken) -> Result<(), SessionError> {
+        let r = match self {
+            Client::V4(c) => {
+                let mut p = rumqttc::Publish::new("", token.qos, Vec::new());
+                p.pkid = token.pkid;
+                c.ack(&p).await.map_err(|_| ())
+            }
+            Client::V5(c) => {
+                let mut p = rumqttc::v5::mqttbytes::v5::Publish::new("", qos5(token.qos), "", None);
+                p.pkid = token.pkid;
+                c.ack(&p).await.map_err(|_| ())
+            }
+        };
+        r.map_err(|_| SessionError::Closed)
+    }
+
     async fn disconnect(&self) {
         let _ = match self {
             Client::V4(c) => c.disconnect().await.map_err(|_| ()),
@@ -366,6 +397,7 @@ impl Session {
             MqttVersion::V311 => {
                 let mut o = rumqttc::MqttOptions::new(&options.client_id, host, port);
                 o.set_keep_alive(keep_alive)
+                    .set_manual_acks(options.manual_acks)
                     .set_clean_session(options.clean_session)
                     .set_max_packet_size(settings.max_packet_size, settings.max_packet_size)
                     .set_last_will(rumqttc::LastWill::new(
@@ -384,6 +416,7 @@ impl Session {
                 use rumqttc::v5::mqttbytes::v5::LastWill;
                 let mut o = rumqttc::v5::MqttOptions::new(&options.client_id, host, port);
                 o.set_keep_alive(keep_alive)
+                    .set_manual_acks(options.manual_acks)
                     .set_clean_start(options.clean_session)
                     .set_max_packet_size(u32::try_from(settings.max_packet_size).ok())
                     .set_last_will(LastWill::new(
@@ -417,6 +450,7 @@ impl Session {
         });
         let handle = tokio::spawn(drive(
             driver,
+            options.manual_acks,
             inner.clone(),
             events_tx,
             settings.url.clone(),
@@ -485,6 +519,12 @@ impl Session {
             }
         }
         self.inner.client.subscribe(filter, qos).await
+    }
+
+    /// Acknowledges a message received with [`SessionOptions::manual_acks`]. Acks go out
+    /// in the order they are given; MQTT wants them in the order messages arrived.
+    pub async fn ack(&self, token: AckToken) -> Result<(), SessionError> {
+        self.inner.client.ack(token).await
     }
 
     /// Sends the one reply to a command: on `<name>/reply`, and on the MQTT 5 response
@@ -619,6 +659,10 @@ impl DriverLoop {
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => Step::ConnAck,
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
                     Step::Publish(Message {
+                        ack: (p.qos != QoS::AtMostOnce).then_some(AckToken {
+                            pkid: p.pkid,
+                            qos: p.qos,
+                        }),
                         topic: p.topic,
                         payload: p.payload,
                         retain: p.retain,
@@ -643,7 +687,13 @@ impl DriverLoop {
                     Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(_))) => Step::ConnAck,
                     Ok(rumqttc::v5::Event::Incoming(Packet::Publish(p))) => {
                         let props = p.properties.unwrap_or_default();
+                        let qos = match p.qos {
+                            rumqttc::v5::mqttbytes::QoS::AtMostOnce => QoS::AtMostOnce,
+                            rumqttc::v5::mqttbytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
+                            rumqttc::v5::mqttbytes::QoS::ExactlyOnce => QoS::ExactlyOnce,
+                        };
                         Step::Publish(Message {
+                            ack: (qos != QoS::AtMostOnce).then_some(AckToken { pkid: p.pkid, qos }),
                             topic: String::from_utf8_lossy(&p.topic).into_owned(),
                             payload: p.payload,
                             retain: p.retain,
@@ -669,6 +719,7 @@ impl DriverLoop {
 
 async fn drive(
     mut el: DriverLoop,
+    manual_acks: bool,
     inner: Arc<Inner>,
     events: mpsc::Sender<SessionEvent>,
     url: String,
@@ -692,7 +743,10 @@ async fn drive(
                 inner.restore();
                 let _ = events.send(SessionEvent::Connected).await;
             }
-            Step::Publish(m) => {
+            Step::Publish(mut m) => {
+                if !manual_acks {
+                    m.ack = None;
+                }
                 if events.send(SessionEvent::Message(m)).await.is_err() {
                     tracing::debug!("session events receiver dropped");
                 }

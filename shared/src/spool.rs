@@ -205,6 +205,13 @@ impl Spool {
         Ok(())
     }
 
+    /// Hands what was appended to the kernel: after this, a crash of the process loses
+    /// none of it (a power cut still may; see [`Spool::sync`]).
+    pub fn flush(&mut self) -> Result<(), SpoolError> {
+        self.head.flush()?;
+        Ok(())
+    }
+
     /// Flushes and fsyncs what was appended: after this, a crash loses none of it.
     pub fn sync(&mut self) -> Result<(), SpoolError> {
         self.head.flush()?;

@@ -90,3 +90,24 @@ pub const JULABO_SIM: Component = Component {
         })
     },
 };
+
+/// The MQTT to InfluxDB forwarder.
+pub const TELEMETRY: Component = Component {
+    name: "telemetry",
+    kind: Kind::Service,
+    check: |_, file| load_telemetry(file).map(drop),
+    run: |stack, file, shutdown| {
+        Box::pin(async move {
+            let cfg = load_telemetry(file.as_deref())?;
+            telemetry::service::run(cfg, stack.mqtt, shutdown).await
+        })
+    },
+};
+
+fn load_telemetry(file: Option<&Path>) -> anyhow::Result<telemetry::TelemetryConfig> {
+    let mut cfg = load::<telemetry::TelemetryConfig>("telemetry", file)?;
+    if let Some(f) = file {
+        cfg.resolve_paths(f);
+    }
+    Ok(cfg)
+}

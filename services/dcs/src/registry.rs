@@ -54,6 +54,7 @@ pub struct Component {
 pub static COMPONENTS: &[Component] = &[
     crate::components::BROKER,
     crate::components::JULABO,
+    crate::components::TELEMETRY,
     crate::components::JULABO_SIM,
 ];
 

@@ -1,0 +1,20 @@
+//! `telemetry`: the MQTT to InfluxDB forwarder that replaces Telegraf's `mqtt_consumer`.
+//!
+//! Source, transform, sink, as in vector:
+//! - [`service`]: the MQTT side (persistent session, QoS 1, acknowledged only once in
+//!   the spool);
+//! - [`mapping`]: the config's inputs turn a message into points ([`topic`] holds the
+//!   filter matching and the `{n}` name templates);
+//! - the spool (`dcs_shared::spool`) keeps [`record`]s on disk;
+//! - [`sink`]: batches to InfluxDB v1 or v2 with retry, backoff and a dead-letter file;
+//! - [`stats`]: self-metrics on `telemetry/stats` and in `telemetry_stats`.
+
+pub mod config;
+pub mod mapping;
+pub mod record;
+pub mod service;
+pub mod sink;
+pub mod stats;
+pub mod topic;
+
+pub use config::TelemetryConfig;

@@ -1,0 +1,201 @@
+//! MQTT topic filters and the `{n}` templates that turn topic levels into names.
+
+/// Checks an MQTT topic filter: `+` and `#` only as whole levels, `#` only last.
+pub fn check_filter(filter: &str) -> Result<(), String> {
+    if filter.is_empty() {
+        return Err("empty topic filter".into());
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        let wild = level.contains(['+', '#']);
+        if wild && level.len() > 1 {
+            return Err(format!(
+                "`{filter}`: a wildcard must be a whole level (`{level}`)"
+            ));
+        }
+        if *level == "#" && i + 1 != levels.len() {
+            return Err(format!("`{filter}`: `#` must be the last level"));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `topic` matches `filter` (MQTT 3.1.1 section 4.7; `$` topics only match
+/// filters that name them).
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Levels a filter always has (a `#` matches zero levels or more), and whether it has
+/// no upper bound.
+pub fn min_levels(filter: &str) -> (usize, bool) {
+    let n = filter.split('/').count();
+    if filter.ends_with('#') {
+        (n - 1, true)
+    } else {
+        (n, false)
+    }
+}
+
+/// A name built from fixed text and topic levels: `{3}_{4}` on `ESP01/sensors/BME/temp`
+/// gives `BME_temp` (levels count from 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Part {
+    Text(String),
+    Level(usize),
+}
+
+impl Template {
+    /// Parses `text`; `{{` and `}}` are literal braces.
+    pub fn parse(text: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut lit = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    lit.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    lit.push('}');
+                }
+                '{' => {
+                    let mut num = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(d) => num.push(d),
+                            None => return Err(format!("`{text}`: unclosed `{{`")),
+                        }
+                    }
+                    let n: usize = num.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                        format!(
+                            "`{text}`: `{{{num}}}` is not a topic level (use {{1}}, {{2}}, ...)"
+                        )
+                    })?;
+                    if !lit.is_empty() {
+                        parts.push(Part::Text(std::mem::take(&mut lit)));
+                    }
+                    parts.push(Part::Level(n));
+                }
+                '}' => return Err(format!("`{text}`: unmatched `}}`")),
+                c => lit.push(c),
+            }
+        }
+        if !lit.is_empty() {
+            parts.push(Part::Text(lit));
+        }
+        if parts.is_empty() {
+            return Err("empty name".into());
+        }
+        Ok(Template { parts })
+    }
+
+    /// The highest topic level used, 0 for none.
+    pub fn max_level(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Level(n) => *n,
+                Part::Text(_) => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The fixed text, when the template uses no topic level.
+    pub fn as_fixed(&self) -> Option<&str> {
+        match self.parts.as_slice() {
+            [Part::Text(t)] => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Fills the template from `topic`; `None` when the topic is too short.
+    pub fn render(&self, topic: &str) -> Option<String> {
+        if let Some(t) = self.as_fixed() {
+            return Some(t.to_string());
+        }
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => out.push_str(t),
+                Part::Level(n) => out.push_str(levels.get(n - 1)?),
+            }
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters() {
+        assert!(check_filter("ESP01/sensors/+/+").is_ok());
+        assert!(check_filter("dcs/#").is_ok());
+        assert!(check_filter("#").is_ok());
+        assert!(check_filter("dcs/#/x").unwrap_err().contains("last"));
+        assert!(check_filter("dcs/a+").unwrap_err().contains("whole level"));
+        assert!(check_filter("").is_err());
+    }
+
+    #[test]
+    fn matching() {
+        assert!(matches("+/sensors/+/+", "ESP01/sensors/BME/temp"));
+        assert!(!matches("+/sensors/+/+", "ESP01/sensors/BME"));
+        assert!(!matches("+/sensors/+/+", "ESP01/sensors/BME/temp/x"));
+        assert!(matches("dcs/#", "dcs"));
+        assert!(matches("dcs/#", "dcs/channels"));
+        assert!(matches("dcs/status", "dcs/status"));
+        assert!(!matches("dcs/status", "dcs/statu"));
+        assert!(!matches("#", "$SYS/broker"));
+        assert!(matches("$SYS/#", "$SYS/broker"));
+        assert!(matches("a/+/c", "a//c"));
+    }
+
+    #[test]
+    fn templates() {
+        let t = Template::parse("{3}_{4}").unwrap();
+        assert_eq!(
+            t.render("ESP01/sensors/BME/temp").as_deref(),
+            Some("BME_temp")
+        );
+        assert_eq!(t.max_level(), 4);
+        assert_eq!(t.render("a/b/c"), None);
+        let t = Template::parse("sensors").unwrap();
+        assert_eq!(t.as_fixed(), Some("sensors"));
+        assert_eq!(
+            Template::parse("a{{b}}{1}").unwrap().render("x").unwrap(),
+            "a{b}x"
+        );
+        assert!(Template::parse("{0}")
+            .unwrap_err()
+            .contains("not a topic level"));
+        assert!(Template::parse("{x").unwrap_err().contains("unclosed"));
+        assert!(Template::parse("x}").unwrap_err().contains("unmatched"));
+        assert!(Template::parse("").is_err());
+    }
+}
