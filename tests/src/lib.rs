@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+pub mod db;
+
 /// Username and password every test broker accepts.
 pub const USER: &str = "alice";
 /// Password of [`USER`].
@@ -215,7 +217,9 @@ impl Broker {
             BrokerKind::Mosquitto => std::fs::write(
                 dir.path().join("mosquitto.conf"),
                 format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\nlog_dest stderr\n",
+                    "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\nlog_dest stderr\n\
+                     # Queue for persistent sessions while their client is away (default 1000).\n\
+                     max_queued_messages 1000000\n",
                     dir.path().join("users.passwd").display()
                 ),
             ),

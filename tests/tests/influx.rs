@@ -1,63 +1,9 @@
 //! The shared line-protocol encoder and InfluxDB writer against a real InfluxDB 1.6.7
 //! (Debian): exact types, escaping of hostile names, nanosecond timestamps, refusals.
 
-use std::process::Command;
-use std::time::{Duration, Instant};
-
-use dcs_integration_tests::{free_port, spawn_until, Proc};
+use dcs_integration_tests::db::Influx;
 use dcs_shared::influx::{InfluxSettings, InfluxWriter, WriteError};
 use dcs_shared::line_protocol::{encode, FieldValue, Point};
-
-struct Influx {
-    port: u16,
-    _dir: tempfile::TempDir,
-    _proc: Proc,
-}
-
-impl Influx {
-    fn start() -> Influx {
-        let dir = tempfile::tempdir().unwrap();
-        let (http, rpc) = (free_port(), free_port());
-        let d = dir.path().display();
-        let conf = format!(
-            "bind-address = \"127.0.0.1:{rpc}\"\nreporting-disabled = true\n\
-             [meta]\n  dir = \"{d}/meta\"\n[data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n\
-             [http]\n  bind-address = \"127.0.0.1:{http}\"\n  log-enabled = false\n\
-             [monitor]\n  store-enabled = false\n"
-        );
-        std::fs::write(dir.path().join("influxdb.conf"), conf).unwrap();
-        let mut cmd = Command::new("influxd");
-        cmd.args(["run", "-config"])
-            .arg(dir.path().join("influxdb.conf"));
-        let proc = spawn_until(cmd, "Listening on HTTP", Duration::from_secs(30));
-        let i = Influx {
-            port: http,
-            _dir: dir,
-            _proc: proc,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while ureq::get(format!("{}/ping", i.url())).call().is_err() {
-            assert!(Instant::now() < deadline, "influxd not answering /ping");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        i.query("CREATE DATABASE dcs");
-        i
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn query(&self, q: &str) -> serde_json::Value {
-        let mut r = ureq::post(format!("{}/query", self.url()))
-            .query("db", "dcs")
-            .query("epoch", "ns")
-            .query("q", q)
-            .send_empty()
-            .unwrap();
-        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
-    }
-}
 
 fn writer(i: &Influx) -> InfluxWriter {
     let yaml = format!("{{url: '{}', database: dcs}}", i.url());

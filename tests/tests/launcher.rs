@@ -26,7 +26,10 @@ fn check(config: &Path) -> (i32, String) {
 fn shipped_config_checks_ok() {
     let (code, text) = check(&repo_root().join("deploy/dcs.yaml"));
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("OK (broker, julabo-sim, julabo)"), "{text}");
+    assert!(
+        text.contains("OK (broker, julabo-sim, julabo, telemetry)"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -85,17 +88,25 @@ async fn up_simulate_runs_julabo_with_its_simulator() {
         .unwrap()
         .replace("poll_interval_secs: 5", "poll_interval_secs: 1");
     std::fs::write(dir.path().join("julabo.yaml"), drv_cfg).unwrap();
+    std::fs::copy(
+        deploy.join("telemetry.yaml"),
+        dir.path().join("telemetry.yaml"),
+    )
+    .unwrap();
     let config = write_stack(
         dir.path(),
         p4,
         None,
         None,
-        "services: {julabo: {config: julabo.yaml}}\nsimulators: {julabo-sim: {config: julabo-sim.yaml}}\n",
+        "services: {julabo: {config: julabo.yaml}, telemetry: {config: telemetry.yaml}}\n\
+         simulators: {julabo-sim: {config: julabo-sim.yaml}}\n",
     );
     let mut cmd = Command::new(bin("dcs"));
     cmd.args(["up", "--simulate", "--config"])
         .arg(&config)
-        .env("JULABO_PORT", format!("tcp://127.0.0.1:{sim_port}"));
+        .env("JULABO_PORT", format!("tcp://127.0.0.1:{sim_port}"))
+        .env("DCS_STATE_DIR", dir.path().join("state"))
+        .env_remove("DCS_INFLUX_URL");
     let mut up = spawn_until(cmd, "dcs: up;", WAIT);
     let secret = std::fs::read_to_string(dir.path().join("state/secret")).unwrap();
     let mut o = Observer::connect_as(
@@ -103,7 +114,7 @@ async fn up_simulate_runs_julabo_with_its_simulator() {
         "obs",
         "alice",
         secret.trim(),
-        &["julabo/status", "dcs-launcher/status"],
+        &["julabo/status", "dcs-launcher/status", "telemetry/stats"],
     )
     .await;
     let g = o
@@ -124,9 +135,20 @@ async fn up_simulate_runs_julabo_with_its_simulator() {
         .await
         .expect("launcher lists the simulator");
     let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
-    for c in ["broker", "julabo", "julabo-sim"] {
+    for c in ["broker", "julabo", "julabo-sim", "telemetry"] {
         assert_eq!(v["components"][c]["state"], "running", "{v}");
     }
+    // No database in the simulated stack: the chiller's status is kept in the spool.
+    let g = o
+        .wait_for("telemetry/stats", WAIT, |p| {
+            serde_json::from_str::<serde_json::Value>(p).is_ok_and(|v| {
+                v["received"].as_u64() > Some(0) && v["spool_bytes"].as_u64() > Some(0)
+            })
+        })
+        .await
+        .expect("telemetry spools what the stack publishes");
+    assert!(g.payload.contains("none: spooling only"), "{}", g.payload);
+    assert!(dir.path().join("state/telemetry").is_dir());
     let status = up
         .terminate(Duration::from_secs(15))
         .expect("dcs up did not stop within 15 s");

@@ -326,6 +326,30 @@ fn check_input(i: &InputConfig) -> Result<(), (String, String)> {
     Ok(())
 }
 
+/// Two filters that share topics without one covering the other would both be
+/// subscribed, and the broker would deliver those topics twice.
+fn check_overlaps(inputs: &[InputConfig]) -> Result<(), (String, String)> {
+    let all: Vec<(usize, &String)> = inputs
+        .iter()
+        .enumerate()
+        .flat_map(|(n, i)| i.topics.iter().map(move |t| (n, t)))
+        .collect();
+    for (a, (na, fa)) in all.iter().enumerate() {
+        for (nb, fb) in &all[a + 1..] {
+            if topic::intersects(fa, fb) && !topic::covers(fa, fb) && !topic::covers(fb, fa) {
+                return err(
+                    &format!("inputs[{nb}].topics"),
+                    format!(
+                        "`{fb}` overlaps `{fa}` of inputs[{na}] without either covering the other: \
+                         the broker would deliver the shared topics twice; add a filter that covers both"
+                    ),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Validate for TelemetryConfig {
     fn validate(&self) -> Result<(), (String, String)> {
         if self.inputs.is_empty() {
@@ -334,6 +358,7 @@ impl Validate for TelemetryConfig {
         for (n, i) in self.inputs.iter().enumerate() {
             check_input(i).map_err(|(k, m)| (format!("inputs[{n}].{k}"), m))?;
         }
+        check_overlaps(&self.inputs)?;
         if let Some(o) = self.output() {
             o.check().map_err(|(k, m)| (format!("output.{k}"), m))?;
         }
@@ -409,6 +434,19 @@ mod tests {
         assert!(e.contains("output.database"), "{e}");
         let e = load("inputs: []").unwrap_err();
         assert!(e.contains("at least one input"), "{e}");
+    }
+
+    #[test]
+    fn partial_overlaps_are_refused() {
+        let e = load(
+            "inputs: [{topics: ['a/+/c'], measurement: m}, {topics: ['a/b/+'], measurement: n}]",
+        )
+        .unwrap_err();
+        assert!(e.contains("inputs[1].topics") && e.contains("twice"), "{e}");
+        assert!(load(
+            "inputs: [{topics: ['a/b'], measurement: m}, {topics: ['a/#'], measurement: n}]"
+        )
+        .is_ok());
     }
 
     #[test]

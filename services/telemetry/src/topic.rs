@@ -39,6 +39,58 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Whether every topic `specific` matches is also matched by `general`.
+pub fn covers(general: &str, specific: &str) -> bool {
+    let mut g = general.split('/');
+    let mut s = specific.split('/');
+    loop {
+        match (g.next(), s.next()) {
+            (Some("#"), _) => return true,
+            (Some(_), Some("#")) => return false,
+            (Some("+"), Some(_)) => {}
+            (Some(_), Some("+")) => return false,
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether some topic matches both filters.
+pub fn intersects(a: &str, b: &str) -> bool {
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            // `a/#` also matches `a`.
+            (None, Some(rest)) | (Some(rest), None) => {
+                return rest == "#";
+            }
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(p), Some(q)) if p == q => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The filters to subscribe to: those covered by another are left out, because a
+/// broker delivers a message once per matching subscription.
+pub fn minimal_set(filters: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (i, f) in filters.iter().enumerate() {
+        let covered = filters
+            .iter()
+            .enumerate()
+            .any(|(j, g)| j != i && covers(g, f) && (!covers(f, g) || j < i));
+        if !covered {
+            out.push(f.clone());
+        }
+    }
+    out
+}
+
 /// Levels a filter always has (a `#` matches zero levels or more), and whether it has
 /// no upper bound.
 pub fn min_levels(filter: &str) -> (usize, bool) {
@@ -174,6 +226,24 @@ mod tests {
         assert!(!matches("#", "$SYS/broker"));
         assert!(matches("$SYS/#", "$SYS/broker"));
         assert!(matches("a/+/c", "a//c"));
+    }
+
+    #[test]
+    fn coverage_and_overlap() {
+        assert!(covers("lab/#", "lab/json/#"));
+        assert!(covers("lab/#", "lab"));
+        assert!(covers("+/sensors/+/+", "ESP01/sensors/BME/temp"));
+        assert!(!covers("lab/json/#", "lab/#"));
+        assert!(!covers("a/b", "a/+"));
+        assert!(!covers("a/+", "a/#"));
+        assert!(intersects("a/+/c", "a/b/+"));
+        assert!(intersects("a/#", "a"));
+        assert!(!intersects("a/b", "a/c"));
+        assert!(!intersects("a/+", "a/b/c"));
+        assert!(intersects("+/sensors/+/+", "ESP01/#"));
+        let f = |v: &[&str]| minimal_set(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(f(&["lab/json/#", "lab/+/+", "lab/#"]), vec!["lab/#"]);
+        assert_eq!(f(&["a", "a", "b/+"]), vec!["a", "b/+"]);
     }
 
     #[test]
