@@ -55,6 +55,10 @@ fn check_name(what: &str, s: &str) -> Result<(), EncodeError> {
     if s.is_empty() {
         return Err(EncodeError(format!("empty {what}")));
     }
+    // One pass for the common case; the messages below need the slower checks.
+    if !s.bytes().any(|b| matches!(b, b'\n' | b'\r' | b'\\')) {
+        return Ok(());
+    }
     if s.contains(['\n', '\r']) {
         return Err(EncodeError(format!(
             "{what} `{}` contains a line break",
@@ -67,13 +71,18 @@ fn check_name(what: &str, s: &str) -> Result<(), EncodeError> {
     Ok(())
 }
 
-fn escape(out: &mut String, s: &str, special: &[char]) {
-    for c in s.chars() {
-        if special.contains(&c) {
+/// Appends `s` with a backslash before each of `special` (all ASCII, so a byte scan is
+/// safe in UTF-8), copying the runs between them whole.
+fn escape(out: &mut String, s: &str, special: &[u8]) {
+    let mut from = 0;
+    for (i, b) in s.bytes().enumerate() {
+        if special.contains(&b) {
+            out.push_str(&s[from..i]);
             out.push('\\');
+            from = i;
         }
-        out.push(c);
     }
+    out.push_str(&s[from..]);
 }
 
 /// Appends one line (with its `\n`) for `p` to `out`. On error `out` is unchanged.
@@ -94,7 +103,7 @@ pub fn encode(p: &Point, out: &mut String) -> Result<(), EncodeError> {
 }
 
 fn encode_into(p: &Point, out: &mut String) -> Result<(), EncodeError> {
-    escape(out, &p.measurement, &[',', ' ']);
+    escape(out, &p.measurement, b", ");
     let mut tags: Vec<&(String, String)> = p.tags.iter().collect();
     tags.sort_by(|a, b| a.0.cmp(&b.0));
     for (k, v) in tags {
@@ -105,14 +114,14 @@ fn encode_into(p: &Point, out: &mut String) -> Result<(), EncodeError> {
         }
         check_name("tag value", v)?;
         out.push(',');
-        escape(out, k, &[',', '=', ' ']);
+        escape(out, k, b",= ");
         out.push('=');
-        escape(out, v, &[',', '=', ' ']);
+        escape(out, v, b",= ");
     }
     for (i, (k, v)) in p.fields.iter().enumerate() {
         check_name("field key", k)?;
         out.push(if i == 0 { ' ' } else { ',' });
-        escape(out, k, &[',', '=', ' ']);
+        escape(out, k, b",= ");
         out.push('=');
         match v {
             FieldValue::Float(f) if !f.is_finite() => {
@@ -133,7 +142,7 @@ fn encode_into(p: &Point, out: &mut String) -> Result<(), EncodeError> {
             FieldValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
             FieldValue::Str(s) => {
                 out.push('"');
-                escape(out, s, &['"', '\\']);
+                escape(out, s, b"\"\\");
                 out.push('"');
             }
         }

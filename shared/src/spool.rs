@@ -212,6 +212,14 @@ impl Spool {
         Ok(())
     }
 
+    /// Flushes like [`Spool::flush`] and returns a handle on the segment being written,
+    /// so that another thread can fsync it without holding the spool (older segments
+    /// were fsynced when they were closed).
+    pub fn sync_handle(&mut self) -> Result<File, SpoolError> {
+        self.head.flush()?;
+        Ok(self.head.get_ref().try_clone()?)
+    }
+
     /// Flushes and fsyncs what was appended: after this, a crash loses none of it.
     pub fn sync(&mut self) -> Result<(), SpoolError> {
         self.head.flush()?;

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use dcs_integration_tests::{Broker, BrokerKind, PASS, USER};
+use dcs_integration_tests::{peak_rss_mb, Broker, BrokerKind, PASS, USER};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const PUBLISHERS: usize = 10;
@@ -36,19 +36,6 @@ struct Figures {
     p50_us: f64,
     p99_us: f64,
     peak_rss_mb: f64,
-}
-
-fn peak_rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 /// One run; `rate` paces each publisher (messages/s), `None` publishes as fast as it can.

@@ -3,113 +3,14 @@
 //! services publish (SPEC 3); the shipped `deploy/telemetry.yaml` is the config under test.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use dcs_integration_tests::db::{Influx, Victoria};
-use dcs_integration_tests::{
-    bin, repo_root, spawn_until, Broker, BrokerKind, Observer, Proc, PASS, USER,
-};
+use dcs_integration_tests::forwarder::{stats, Forwarder};
+use dcs_integration_tests::{Broker, BrokerKind, Observer};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A `telemetry` process with its own spool directory.
-struct Forwarder {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    env: Vec<(String, String)>,
-    proc: Option<Proc>,
-}
-
-impl Forwarder {
-    /// A forwarder on `broker` with `body` (inputs, output...) added to a test config:
-    /// short batch interval, fast retries, stats every second.
-    fn with_config(broker: &Broker, body: &str) -> Forwarder {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("telemetry.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "mqtt: {{url: '{}', username: {USER}, password: {PASS}, keep_alive_secs: 5}}\n\
-                 spool: {{dir: spool, segment_bytes: 65536, max_bytes: 104857600}}\n\
-                 batch: {{size: 500, interval_ms: 200}}\n\
-                 retry: {{initial_ms: 100, max_secs: 1}}\n\
-                 stats_interval_secs: 1\n{body}",
-                broker.url()
-            ),
-        )
-        .unwrap();
-        Forwarder {
-            dir,
-            config,
-            env: Vec::new(),
-            proc: None,
-        }
-    }
-
-    /// The shipped `deploy/telemetry.yaml`, pointed at `broker` and `influx` through the
-    /// environment, as a deployment would.
-    fn shipped(broker: &Broker, influx_url: &str) -> Forwarder {
-        let dir = tempfile::tempdir().unwrap();
-        let env = vec![
-            ("DCS_INFLUX_URL".into(), influx_url.to_string()),
-            ("DCS_STATE_DIR".into(), dir.path().display().to_string()),
-            ("DCS_MQTT_URL".into(), broker.url()),
-            ("DCS_MQTT_USERNAME".into(), USER.into()),
-            ("DCS_MQTT_PASSWORD".into(), PASS.into()),
-        ];
-        Forwarder {
-            dir,
-            config: repo_root().join("deploy/telemetry.yaml"),
-            env,
-            proc: None,
-        }
-    }
-
-    fn start(&mut self) {
-        let mut cmd = Command::new(bin("telemetry"));
-        cmd.arg("--config").arg(&self.config);
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        self.proc = Some(spawn_until(cmd, "spool open", WAIT));
-    }
-
-    fn stderr(&self) -> String {
-        self.proc
-            .as_ref()
-            .map(|p| p.stderr_text())
-            .unwrap_or_default()
-    }
-
-    fn spool_dir(&self) -> PathBuf {
-        if self.env.is_empty() {
-            self.dir.path().join("spool")
-        } else {
-            self.dir.path().join("telemetry")
-        }
-    }
-}
-
-/// Waits until the forwarder's stats appear (its subscriptions are in place by then:
-/// the session queues them before the retained stats) and returns them.
-async fn stats(obs: &mut Observer, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut last = Value::Null;
-    while let Some(got) = obs
-        .next_on(
-            "telemetry/stats",
-            deadline.saturating_duration_since(tokio::time::Instant::now()),
-        )
-        .await
-    {
-        last = serde_json::from_str(&got.payload).unwrap_or(Value::Null);
-        if pred(&last) {
-            return last;
-        }
-    }
-    panic!("telemetry/stats never as expected; last: {last}");
-}
 
 fn now_ns() -> i64 {
     dcs_shared::UtcNanos::now().as_nanos()

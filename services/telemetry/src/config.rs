@@ -40,9 +40,10 @@ pub struct TelemetryConfig {
     /// Retry of failed writes.
     #[serde(default)]
     pub retry: RetrySettings,
-    /// Self-metrics period (`<name>/stats` and measurement `telemetry_stats`), seconds.
+    /// Self-metrics period (`<name>/stats` and measurement `telemetry_stats`), seconds
+    /// (fractions allowed, from 0.1).
     #[serde(default = "default_stats_interval")]
-    pub stats_interval_secs: u64,
+    pub stats_interval_secs: f64,
     /// Larger MQTT payloads are refused as malformed.
     #[serde(default = "default_max_payload")]
     pub max_payload_bytes: usize,
@@ -54,8 +55,8 @@ pub struct TelemetryConfig {
 fn default_name() -> String {
     "telemetry".into()
 }
-fn default_stats_interval() -> u64 {
-    10
+fn default_stats_interval() -> f64 {
+    10.0
 }
 fn default_max_payload() -> usize {
     256 * 1024
@@ -378,8 +379,11 @@ impl Validate for TelemetryConfig {
         if self.retry.initial_ms == 0 || self.retry.max_secs == 0 {
             return Err(("retry".into(), "initial_ms and max_secs must be > 0".into()));
         }
-        if self.stats_interval_secs == 0 {
-            return Err(("stats_interval_secs".into(), "must be > 0".into()));
+        if !(0.1..=86400.0).contains(&self.stats_interval_secs) {
+            return Err((
+                "stats_interval_secs".into(),
+                "must be between 0.1 and 86400".into(),
+            ));
         }
         if self.max_payload_bytes == 0 {
             return Err(("max_payload_bytes".into(), "must be > 0".into()));

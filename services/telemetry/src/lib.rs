@@ -10,6 +10,7 @@
 //! - [`stats`]: self-metrics on `telemetry/stats` and in `telemetry_stats`.
 
 pub mod config;
+pub mod flat;
 pub mod mapping;
 pub mod record;
 pub mod service;

@@ -18,7 +18,7 @@ struct Args {
     check: bool,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     dcs_shared::logging::init("info");
     let args = Args::parse();

@@ -6,6 +6,7 @@ use dcs_shared::line_protocol::{FieldValue, Point};
 use serde_json::Value;
 
 use crate::config::{DataFormat, FieldType, InputConfig, TimeFormat};
+use crate::flat;
 use crate::topic::{self, Template};
 
 /// Why a message gave no points.
@@ -135,27 +136,8 @@ impl Input {
                 });
             }
             DataFormat::Json => {
-                let v: Value = serde_json::from_str(text)
-                    .map_err(|e| malformed(format!("invalid JSON: {e}")))?;
-                let objects = match v {
-                    Value::Object(o) => vec![o],
-                    Value::Array(a) => a
-                        .into_iter()
-                        .map(|e| match e {
-                            Value::Object(o) => Ok(o),
-                            other => Err(malformed(format!(
-                                "array element is {}, not an object",
-                                kind(&other)
-                            ))),
-                        })
-                        .collect::<Result<_, _>>()?,
-                    other => {
-                        return Err(malformed(format!(
-                            "JSON {} where an object was expected",
-                            kind(&other)
-                        )))
-                    }
-                };
+                let objects =
+                    flat::parse(payload).map_err(|e| malformed(format!("invalid JSON: {e}")))?;
                 for obj in objects {
                     let p = self.point(obj, &measurement, &tags, timestamp, &mut out.problems)?;
                     out.points.push(p);
@@ -167,14 +149,12 @@ impl Input {
 
     fn point(
         &self,
-        obj: serde_json::Map<String, Value>,
+        flat: Vec<(String, Value)>,
         measurement: &str,
         topic_tags: &[(String, String)],
         received: i64,
         problems: &mut Vec<String>,
     ) -> Result<Point, MapError> {
-        let mut flat = Vec::new();
-        flatten("", Value::Object(obj), &mut flat);
         let mut tags = topic_tags.to_vec();
         let mut fields = Vec::new();
         let mut timestamp = received;
@@ -201,14 +181,18 @@ impl Input {
                 continue;
             }
             let typed = match self.types.get(&key) {
-                Some(t) => convert(&value, *t),
-                None => infer(&value),
+                Some(t) => convert(value, *t),
+                None => infer(value),
             };
             match typed {
                 Ok(v) => fields.push((key, v)),
                 Err(e) => problems.push(format!("`{key}`: {e}")),
             }
         }
+        // Sorted, and a key given twice keeps its last value, as a JSON object would.
+        fields.reverse();
+        fields.sort_by(|a: &(String, FieldValue), b| a.0.cmp(&b.0));
+        fields.dedup_by(|later, earlier| later.0 == earlier.0);
         if fields.is_empty() {
             return Err(MapError::Malformed("no fields to write".into()));
         }
@@ -232,37 +216,17 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// Nested objects and arrays become `a_b` and `a_0` keys; nulls are skipped.
-fn flatten(prefix: &str, v: Value, out: &mut Vec<(String, Value)>) {
-    let join = |k: &str| {
-        if prefix.is_empty() {
-            k.to_string()
-        } else {
-            format!("{prefix}_{k}")
-        }
-    };
-    match v {
-        Value::Object(o) => o.into_iter().for_each(|(k, v)| flatten(&join(&k), v, out)),
-        Value::Array(a) => a
-            .into_iter()
-            .enumerate()
-            .for_each(|(i, v)| flatten(&join(&i.to_string()), v, out)),
-        Value::Null => {}
-        v => out.push((prefix.to_string(), v)),
-    }
-}
-
-fn infer(v: &Value) -> Result<FieldValue, String> {
+fn infer(v: Value) -> Result<FieldValue, String> {
     match v {
         Value::Number(_) => convert(v, FieldType::Float),
-        Value::Bool(b) => Ok(FieldValue::Bool(*b)),
-        Value::String(s) => Ok(FieldValue::Str(s.clone())),
-        other => Err(format!("{} cannot be a field", kind(other))),
+        Value::Bool(b) => Ok(FieldValue::Bool(b)),
+        Value::String(s) => Ok(FieldValue::Str(s)),
+        other => Err(format!("{} cannot be a field", kind(&other))),
     }
 }
 
-fn convert(v: &Value, t: FieldType) -> Result<FieldValue, String> {
-    let wrong = || format!("{} where {} was expected", kind(v), type_name(t));
+fn convert(v: Value, t: FieldType) -> Result<FieldValue, String> {
+    let found = kind(&v);
     match (t, v) {
         (FieldType::Float, Value::Number(n)) => n
             .as_f64()
@@ -287,11 +251,11 @@ fn convert(v: &Value, t: FieldType) -> Result<FieldValue, String> {
             })
             .map(FieldValue::UInt)
             .ok_or_else(|| format!("{n} is not an unsigned integer")),
-        (FieldType::Boolean, Value::Bool(b)) => Ok(FieldValue::Bool(*b)),
-        (FieldType::String, Value::String(s)) => Ok(FieldValue::Str(s.clone())),
+        (FieldType::Boolean, Value::Bool(b)) => Ok(FieldValue::Bool(b)),
+        (FieldType::String, Value::String(s)) => Ok(FieldValue::Str(s)),
         (FieldType::String, Value::Number(n)) => Ok(FieldValue::Str(n.to_string())),
         (FieldType::String, Value::Bool(b)) => Ok(FieldValue::Str(b.to_string())),
-        _ => Err(wrong()),
+        _ => Err(format!("{found} where {} was expected", type_name(t))),
     }
 }
 

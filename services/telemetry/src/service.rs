@@ -8,6 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
+
 use anyhow::Context;
 use dcs_shared::influx::{InfluxSettings, InfluxWriter};
 use dcs_shared::line_protocol;
@@ -22,8 +24,11 @@ use crate::record;
 use crate::sink::{Control, Sink};
 use crate::stats::Stats;
 
-/// Messages taken from the session before the spool is flushed and they are acked.
-const GROUP: usize = 512;
+/// Most messages taken from the session before the spool is flushed and they are
+/// acked. Brokers send a subscriber only so many unacknowledged messages (rumqttd 100,
+/// Mosquitto 20 by default), so acks must flow back while the rest arrives: waiting to
+/// gather large groups would stall the stream.
+const GROUP: usize = 50;
 /// Topics remembered for "logged once"; past this, problems are only counted.
 const WARNED_TOPICS: usize = 10_000;
 
@@ -85,19 +90,27 @@ pub async fn run(
     }
     let (session, mut events) = Session::start(&mqtt, options)?;
     let stats_topic = session.topic("stats");
+    // Unbounded, so that ingest never waits for the acker: the acker waits for the
+    // session's request queue, which the session drains only while ingest takes its
+    // messages. What it holds is bounded by the broker's inflight window.
+    let (to_acker, acker_rx) = mpsc::unbounded_channel();
+    let acker = tokio::spawn(acker(
+        acker_rx,
+        session.clone(),
+        cfg.spool.fsync,
+        control.clone(),
+    ));
     let mut ingest = Ingest {
         mapper,
         spool: spool.clone(),
         stats: stats.clone(),
-        control: control.clone(),
-        session: session.clone(),
-        fsync: cfg.spool.fsync,
+        to_acker,
         max_payload: cfg.max_payload_bytes,
         acks: Vec::new(),
         warned: HashSet::new(),
         appended: false,
     };
-    let mut tick = tokio::time::interval(Duration::from_secs(cfg.stats_interval_secs));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(cfg.stats_interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     'run: loop {
@@ -123,8 +136,8 @@ pub async fn run(
                 Some(_) => {}
             },
         }
-        // Group commit: take what is already waiting, then one flush for all of it.
-        for _ in 0..GROUP {
+        // Group commit: one flush (and fsync) for what is already waiting, up to GROUP.
+        for _ in 1..GROUP {
             match events.try_recv() {
                 Ok(SessionEvent::Message(m)) => {
                     if !ingest.take(m, &shutdown).await {
@@ -139,6 +152,9 @@ pub async fn run(
     }
 
     ingest.commit().await;
+    drop(ingest);
+    // Everything taken is acknowledged before the session closes.
+    let _ = acker.await;
     if let Ok(mut s) = spool.lock() {
         if let Err(e) = s.sync() {
             tracing::error!(error = %e, "cannot sync the spool at shutdown");
@@ -174,14 +190,59 @@ fn log_output(o: &InfluxSettings) {
     );
 }
 
+/// Records handed to the kernel, and the acks they are owed once durable.
+struct Commit {
+    /// The spool segment to fsync, when records were appended.
+    file: Option<std::fs::File>,
+    acks: Vec<AckToken>,
+}
+
+/// Fsyncs (when configured) and then acknowledges, in order, off the ingest path: the
+/// broker only sends a few unacknowledged messages at a time, so an fsync in line
+/// would stall the stream. Commits that queue up meanwhile share one fsync (segments
+/// closed in between were fsynced when closed).
+async fn acker(
+    mut rx: mpsc::UnboundedReceiver<Commit>,
+    session: Session,
+    fsync: bool,
+    control: Arc<Control>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(c) = rx.try_recv() {
+            batch.push(c);
+        }
+        let newest = batch.iter_mut().rev().find_map(|c| c.file.take());
+        if let (true, Some(file)) = (fsync, newest) {
+            let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
+            match synced {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    // Not acknowledged: the broker will deliver these again.
+                    tracing::error!(error = %e, "cannot fsync the spool; messages not acknowledged");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "fsync task failed; messages not acknowledged");
+                    continue;
+                }
+            }
+        }
+        control.wake();
+        for a in batch.into_iter().flat_map(|c| c.acks) {
+            if session.ack(a).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
 /// The MQTT side.
 struct Ingest {
     mapper: Mapper,
     spool: Arc<Mutex<Spool>>,
     stats: Arc<Stats>,
-    control: Arc<Control>,
-    session: Session,
-    fsync: bool,
+    to_acker: mpsc::UnboundedSender<Commit>,
     max_payload: usize,
     /// Messages in the spool (not yet flushed) that the broker waits an ack for.
     acks: Vec<AckToken>,
@@ -280,35 +341,37 @@ impl Ingest {
         }
     }
 
-    /// Makes what was appended durable, acknowledges it to the broker, wakes the sink.
+    /// Hands what was appended to the kernel, and its acks to the [`acker`], which makes
+    /// it durable and acknowledges it to the broker while the next messages come in.
     async fn commit(&mut self) {
+        let mut file = None;
         if self.appended {
-            let synced = match self.spool.lock() {
+            let handle = match self.spool.lock() {
                 Ok(mut s) => {
                     self.stats
                         .spool_bytes
                         .store(s.pending_bytes(), Ordering::Relaxed);
-                    if self.fsync {
-                        s.sync()
-                    } else {
-                        s.flush()
-                    }
+                    s.sync_handle()
                 }
                 Err(_) => Err(SpoolError::Io(std::io::Error::other("spool lock poisoned"))),
             };
-            if let Err(e) = synced {
-                // Not acknowledged: the broker will deliver these again.
-                tracing::error!(error = %e, "cannot flush the spool; messages not acknowledged");
-                self.acks.clear();
-                return;
+            match handle {
+                Ok(f) => file = Some(f),
+                Err(e) => {
+                    // Not acknowledged: the broker will deliver these again.
+                    tracing::error!(error = %e, "cannot flush the spool; messages not acknowledged");
+                    self.acks.clear();
+                    return;
+                }
             }
             self.appended = false;
-            self.control.wake();
         }
-        for a in self.acks.drain(..) {
-            if self.session.ack(a).await.is_err() {
-                break;
-            }
+        if file.is_none() && self.acks.is_empty() {
+            return;
+        }
+        let acks = std::mem::take(&mut self.acks);
+        if self.to_acker.send(Commit { file, acks }).is_err() {
+            tracing::error!("acknowledgement task gone; messages not acknowledged");
         }
     }
 
