@@ -293,8 +293,9 @@ async fn forwarder_killed_mid_stream(kind: BrokerKind) {
     );
     let duplicates = got.len() - distinct.len();
     // At least once: only what was spooled or written but not yet acknowledged when
-    // the process died can come twice (one commit group of 512 plus one batch of 500).
-    assert!(duplicates <= 1012, "{duplicates} duplicates");
+    // the process died can come twice (the broker's inflight window, at most 100 here,
+    // plus one batch of 500).
+    assert!(duplicates <= 600, "{duplicates} duplicates");
     eprintln!("{kind:?}: {duplicates} duplicates after SIGKILL");
 }
 
