@@ -153,8 +153,16 @@ pub async fn run(
 
     ingest.commit().await;
     drop(ingest);
-    // Everything taken is acknowledged before the session closes.
-    let _ = acker.await;
+    // Everything taken is acknowledged before the session closes (unless the broker is
+    // away: then the broker redelivers it, and the spool already has it).
+    if tokio::time::timeout(Duration::from_secs(3), acker)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "acknowledgements not all sent at shutdown; the broker will redeliver those messages"
+        );
+    }
     if let Ok(mut s) = spool.lock() {
         if let Err(e) = s.sync() {
             tracing::error!(error = %e, "cannot sync the spool at shutdown");
