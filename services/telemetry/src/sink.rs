@@ -62,11 +62,20 @@ impl Control {
 
     /// Sleeps up to `timeout`, less if woken or stopped.
     fn wait(&self, timeout: Duration) {
+        self.sleep(timeout, true);
+    }
+
+    /// Sleeps `timeout` unless stopped (new data does not shorten a backoff).
+    fn pause(&self, timeout: Duration) {
+        self.sleep(timeout, false);
+    }
+
+    fn sleep(&self, timeout: Duration, wake_on_data: bool) {
         let Ok(mut s) = self.state.lock() else {
             return;
         };
         let end = Instant::now() + timeout;
-        while !s.woken && s.drain_until.is_none() {
+        while !(wake_on_data && s.woken) && s.drain_until.is_none() {
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
@@ -76,24 +85,8 @@ impl Control {
                 Err(_) => return,
             }
         }
-        s.woken = false;
-    }
-
-    /// Sleeps `timeout` unless stopped (new data does not shorten a backoff).
-    fn pause(&self, timeout: Duration) {
-        let Ok(mut s) = self.state.lock() else {
-            return;
-        };
-        let end = Instant::now() + timeout;
-        while s.drain_until.is_none() {
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            match self.cv.wait_timeout(s, left) {
-                Ok((g, _)) => s = g,
-                Err(_) => return,
-            }
+        if wake_on_data {
+            s.woken = false;
         }
     }
 }
@@ -119,10 +112,9 @@ pub struct Sink {
 enum Outcome {
     /// Everything written or dead-lettered.
     Done,
-    /// Try again later: the server is unreachable or failing.
-    Retry(String),
-    /// Try again later: the setup is wrong (credentials, database).
-    Blocked(String),
+    /// Try again later: the server is unreachable or failing, or (`blocked`) the setup
+    /// is wrong (credentials, database).
+    Failed { blocked: bool, error: String },
 }
 
 impl Sink {
@@ -209,26 +201,22 @@ impl Sink {
                     self.stats.set_output("ok");
                     backoff.reset();
                 }
-                Outcome::Retry(e) | Outcome::Blocked(e) if draining.is_some() => {
-                    tracing::warn!(error = %e, "InfluxDB unavailable at shutdown; the rest stays in the spool");
+                Outcome::Failed { error, .. } if draining.is_some() => {
+                    tracing::warn!(%error, "InfluxDB unavailable at shutdown; the rest stays in the spool");
                     break;
                 }
-                Outcome::Retry(e) => {
+                Outcome::Failed { blocked, error } => {
                     self.stats.retried.fetch_add(1, Ordering::Relaxed);
                     if !failing {
-                        tracing::warn!(error = %e, "InfluxDB write failed; spooling and retrying with backoff");
+                        if blocked {
+                            tracing::error!(%error, "InfluxDB refuses every write: check the output's database/bucket and credentials; data is kept in the spool");
+                        } else {
+                            tracing::warn!(%error, "InfluxDB write failed; spooling and retrying with backoff");
+                        }
                         failing = true;
                     }
-                    self.stats.set_output(&format!("retrying: {e}"));
-                    self.control.pause(backoff.next_delay());
-                }
-                Outcome::Blocked(e) => {
-                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
-                    if !failing {
-                        tracing::error!(error = %e, "InfluxDB refuses every write: check the output's database/bucket and credentials; data is kept in the spool");
-                        failing = true;
-                    }
-                    self.stats.set_output(&format!("blocked: {e}"));
+                    let state = if blocked { "blocked" } else { "retrying" };
+                    self.stats.set_output(&format!("{state}: {error}"));
                     self.control.pause(backoff.next_delay());
                 }
             }
@@ -244,9 +232,15 @@ impl Sink {
                 self.stats.written.fetch_add(lines, Ordering::Relaxed);
                 Outcome::Done
             }
-            Err(WriteError::Retry(e)) => Outcome::Retry(e),
+            Err(WriteError::Retry(error)) => Outcome::Failed {
+                blocked: false,
+                error,
+            },
             Err(WriteError::Rejected { status, message }) if matches!(status, 401 | 403 | 404) => {
-                Outcome::Blocked(format!("HTTP {status}: {message}"))
+                Outcome::Failed {
+                    blocked: true,
+                    error: format!("HTTP {status}: {message}"),
+                }
             }
             Err(WriteError::Rejected { status, message }) => {
                 if records.len() == 1 {
