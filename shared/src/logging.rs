@@ -14,10 +14,12 @@ pub fn init(default_level: &str) {
         .or_else(|| std::env::var("RUST_LOG").ok())
         .and_then(|spec| EnvFilter::try_new(spec).ok())
         // rumqttd logs every accept at info and every normal disconnect as a routing
-        // "error"; keep its other warnings only.
+        // "error"; keep its other warnings only. The EPICS crates log every channel
+        // connection at info (27 lines per CAEN channel).
         .unwrap_or_else(|| {
             EnvFilter::new(format!(
-                "{default_level},rumqttd=warn,rumqttd::router::routing=off"
+                "{default_level},rumqttd=warn,rumqttd::router::routing=off,\
+                 epics_ca_rs=warn,epics_base_rs=warn"
             ))
         });
     let json = std::env::var("DCS_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));

@@ -490,6 +490,24 @@ impl Session {
             .await
     }
 
+    /// Publishes without waiting. `false` when the broker is away or the request queue
+    /// is full: the message is dropped and the caller decides what that means (a stream
+    /// of updates that is republished on refresh can afford it; a service loop must
+    /// never block on its own session).
+    pub fn try_publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+        qos: QoS,
+        retain: bool,
+    ) -> bool {
+        self.is_connected()
+            && self
+                .inner
+                .client
+                .try_publish(topic, qos, retain, payload.into())
+    }
+
     /// Publishes retained state (QoS 1) and remembers it, so that it is published again
     /// after every reconnect. Never blocks: while the broker is away the value waits in
     /// memory, and a value that finds the request queue full is retried by the session.
