@@ -1,0 +1,33 @@
+//! `caen-fsm`: the CAEN SY4527 power supply (LV and HV boards) over EPICS Channel
+//! Access, driven and reported over MQTT (SPEC 3.1, 4).
+//!
+//! Layers, from the wire up: [`pv`] (names and parameters), [`ca`] (Channel Access
+//! behind the [`ca::ChannelAccess`] trait), [`plant`] (readings and JSON, no I/O),
+//! [`fsm`] (the state rules, pure), [`commands`] (MQTT commands, parsed), and
+//! [`service`] (the task that ties them together with the safety rules).
+
+pub mod ca;
+pub mod commands;
+pub mod config;
+pub mod fsm;
+pub mod plant;
+pub mod pv;
+pub mod service;
+
+pub use config::CaenConfig;
+
+/// Starts the service with the `epics-ca-rs` client.
+pub async fn run(
+    cfg: CaenConfig,
+    config_path: Option<std::path::PathBuf>,
+    mqtt: dcs_shared::MqttSettings,
+    shutdown: dcs_shared::shutdown::CancellationToken,
+) -> anyhow::Result<()> {
+    let port = std::env::var("EPICS_CA_SERVER_PORT")
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or(5064);
+    let addresses = cfg.ca.addresses(port).map_err(anyhow::Error::msg)?;
+    let ca = std::sync::Arc::new(ca::EpicsCa::new(addresses).await?);
+    service::run(cfg, config_path, mqtt, ca, shutdown).await
+}
