@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+pub mod caen;
 pub mod db;
 pub mod forwarder;
 

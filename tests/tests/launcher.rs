@@ -27,7 +27,7 @@ fn shipped_config_checks_ok() {
     let (code, text) = check(&repo_root().join("deploy/dcs.yaml"));
     assert_eq!(code, 0, "{text}");
     assert!(
-        text.contains("OK (broker, julabo-sim, julabo, telemetry)"),
+        text.contains("OK (broker, caen-sim, julabo-sim, caen-fsm, julabo, telemetry)"),
         "{text}"
     );
 }
@@ -75,7 +75,7 @@ fn broken_configs_are_refused_with_a_precise_message() {
 /// `dcs up --simulate` with the shipped julabo configs (ports moved to free ones):
 /// the simulator and the driver come up under the launcher and the chiller reports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_simulate_runs_julabo_with_its_simulator() {
+async fn up_simulate_runs_the_services_with_their_simulators() {
     let dir = tempfile::tempdir().unwrap();
     let (p4, sim_port, ctl_port) = (free_port(), free_port(), free_port());
     let deploy = repo_root().join("deploy");
@@ -93,18 +93,27 @@ async fn up_simulate_runs_julabo_with_its_simulator() {
         dir.path().join("telemetry.yaml"),
     )
     .unwrap();
+    let (ca_port, beacon_port) = (free_port(), free_port());
+    let caen_cfg = std::fs::read_to_string(deploy.join("caen.yaml"))
+        .unwrap()
+        .replace("port: 15064", &format!("port: {ca_port}"));
+    std::fs::write(dir.path().join("caen.yaml"), caen_cfg).unwrap();
     let config = write_stack(
         dir.path(),
         p4,
         None,
         None,
-        "services: {julabo: {config: julabo.yaml}, telemetry: {config: telemetry.yaml}}\n\
-         simulators: {julabo-sim: {config: julabo-sim.yaml}}\n",
+        "services: {caen-fsm: {config: caen.yaml}, julabo: {config: julabo.yaml}, \
+         telemetry: {config: telemetry.yaml}}\n\
+         simulators: {caen-sim: {config: caen.yaml}, julabo-sim: {config: julabo-sim.yaml}}\n",
     );
     let mut cmd = Command::new(bin("dcs"));
     cmd.args(["up", "--simulate", "--config"])
         .arg(&config)
         .env("JULABO_PORT", format!("tcp://127.0.0.1:{sim_port}"))
+        .env("CAEN_CA_ADDR_LIST", format!("127.0.0.1:{ca_port}"))
+        .env("EPICS_CAS_BEACON_PORT", beacon_port.to_string())
+        .env("EPICS_CA_REPEATER_PORT", beacon_port.to_string())
         .env("DCS_STATE_DIR", dir.path().join("state"))
         .env_remove("DCS_INFLUX_URL");
     let mut up = spawn_until(cmd, "dcs: up;", WAIT);
@@ -114,9 +123,22 @@ async fn up_simulate_runs_julabo_with_its_simulator() {
         "obs",
         "alice",
         secret.trim(),
-        &["julabo/status", "dcs-launcher/status", "telemetry/stats"],
+        &[
+            "julabo/status",
+            "dcs-launcher/status",
+            "telemetry/stats",
+            "dcs/status",
+        ],
     )
     .await;
+    o.wait_for("dcs/status", WAIT, |p| p.contains("\"LV_OFF\""))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "caen-fsm never reported LV_OFF from the simulator; launcher said:\n{}",
+                up.stderr_text()
+            )
+        });
     let g = o
         .wait_for("julabo/status", WAIT, |p| {
             p.contains("\"fsm_state\":\"OFF\"")
@@ -135,7 +157,14 @@ async fn up_simulate_runs_julabo_with_its_simulator() {
         .await
         .expect("launcher lists the simulator");
     let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
-    for c in ["broker", "julabo", "julabo-sim", "telemetry"] {
+    for c in [
+        "broker",
+        "caen-fsm",
+        "caen-sim",
+        "julabo",
+        "julabo-sim",
+        "telemetry",
+    ] {
         assert_eq!(v["components"][c]["state"], "running", "{v}");
     }
     // No database in the simulated stack: the chiller's status is kept in the spool.

@@ -78,6 +78,40 @@ pub const JULABO: Component = Component {
     },
 };
 
+/// The CAEN power-supply FSM.
+pub const CAEN: Component = Component {
+    name: "caen-fsm",
+    kind: Kind::Service,
+    check: |_, file| load::<caen::CaenConfig>("caen-fsm", file).map(drop),
+    run: |stack, file, shutdown| {
+        Box::pin(async move {
+            let cfg = load::<caen::CaenConfig>("caen-fsm", file.as_deref())?;
+            caen::run(cfg, file, stack.mqtt, shutdown).await
+        })
+    },
+};
+
+/// The CAEN mainframe simulator (EPICS CA server).
+pub const CAEN_SIM: Component = Component {
+    name: "caen-sim",
+    kind: Kind::Simulator,
+    check: |_, file| load_caen_sim(file).map(drop),
+    run: |_, file, shutdown| {
+        Box::pin(async move {
+            let cfg = load_caen_sim(file.as_deref())?;
+            caen_sim::run(cfg, shutdown).await
+        })
+    },
+};
+
+fn load_caen_sim(file: Option<&Path>) -> anyhow::Result<caen_sim::SimConfig> {
+    let mut cfg = load::<caen_sim::SimConfig>("caen-sim", file)?;
+    if let Some(f) = file {
+        cfg.resolve_paths(f);
+    }
+    Ok(cfg)
+}
+
 /// The Julabo simulator.
 pub const JULABO_SIM: Component = Component {
     name: "julabo-sim",

@@ -61,6 +61,11 @@ enum Cmd {
 fn main() -> ExitCode {
     dcs_shared::logging::init("info");
     let cli = Cli::parse();
+    if matches!(&cli.command, Cmd::Run { name, .. } if name == "caen-sim") {
+        // Before any thread exists: the CA server reads its interfaces from the
+        // environment only.
+        caen_sim::loopback_env_defaults();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -53,8 +53,10 @@ pub struct Component {
 /// Every component the launcher can run.
 pub static COMPONENTS: &[Component] = &[
     crate::components::BROKER,
+    crate::components::CAEN,
     crate::components::JULABO,
     crate::components::TELEMETRY,
+    crate::components::CAEN_SIM,
     crate::components::JULABO_SIM,
 ];
 
