@@ -373,6 +373,14 @@ pub struct Session {
 }
 
 const REQUEST_QUEUE: usize = 1024;
+
+/// TCP_NODELAY: commands, replies and status are small packets written back to back;
+/// with Nagle's algorithm the second waits for the peer's delayed ACK (40 ms here).
+fn no_delay() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
 const EVENT_QUEUE: usize = 1024;
 
 impl Session {
@@ -409,7 +417,8 @@ impl Session {
                 if let Some(user) = &settings.username {
                     o.set_credentials(user, password.clone().unwrap_or_default());
                 }
-                let (c, el) = rumqttc::AsyncClient::new(o, REQUEST_QUEUE);
+                let (c, mut el) = rumqttc::AsyncClient::new(o, REQUEST_QUEUE);
+                el.set_network_options(no_delay());
                 (Client::V4(c), DriverLoop::V4(Box::new(el)))
             }
             MqttVersion::V5 => {
@@ -433,6 +442,7 @@ impl Session {
                 if let Some(user) = &settings.username {
                     o.set_credentials(user, password.clone().unwrap_or_default());
                 }
+                o.set_network_options(no_delay());
                 let (c, el) = rumqttc::v5::AsyncClient::new(o, REQUEST_QUEUE);
                 (Client::V5(c), DriverLoop::V5(Box::new(el)))
             }

@@ -335,6 +335,9 @@ impl Observer {
         o.set_keep_alive(Duration::from_secs(5))
             .set_credentials(user, pass);
         let (client, mut el) = rumqttc::AsyncClient::new(o, 100);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        el.set_network_options(net);
         for f in filters {
             client
                 .subscribe(*f, rumqttc::QoS::AtLeastOnce)

@@ -127,8 +127,9 @@ async fn power_cycle_with_safety_rules() {
     // Settings from the config reach the supply of active channels only.
     poll_pv(&r.ca, "test:12:000:V0Set", |v| v == 60.0).await;
     poll_pv(&r.ca, "test:00:001:V0Set", |v| v == 12.0).await;
+    // Written one after the other, PDwn last.
+    poll_pv(&r.ca, "test:12:000:PDwn", |v| v == 1.0).await;
     assert_eq!(r.ca.get("test:12:000:RUp").await, 100.0);
-    assert_eq!(r.ca.get("test:12:000:PDwn").await, 1.0, "tripMode Ramp");
     assert_eq!(
         r.ca.get("test:00:002:V0Set").await,
         0.0,

@@ -229,7 +229,16 @@ impl Plant {
             Side::Hv => &mut ch.hv,
         };
         match ev {
-            CaEvent::Connected { .. } => supply.connected[pi] = true,
+            // Connection alone changes nothing in the published object (the state is
+            // re-derived separately): no republication for it.
+            CaEvent::Connected { .. } => {
+                supply.connected[pi] = true;
+                if !was_up && ch.connected() {
+                    ch.ever_up = true;
+                    return Change::CameUp(ci);
+                }
+                return Change::None;
+            }
             CaEvent::Disconnected { .. } => {
                 supply.connected[pi] = false;
                 // Stale values must not decide a state after the IOC comes back.
