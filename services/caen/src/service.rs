@@ -45,6 +45,9 @@ pub struct Fsm<C: ChannelAccess> {
     plant: Plant,
     watches: Vec<Watch>,
     events: mpsc::UnboundedSender<CaEvent>,
+    /// Events of the current watches. Replaced with them on reload/reconnect, so an
+    /// event still queued from an old watch can never land on a new slot.
+    events_rx: mpsc::UnboundedReceiver<CaEvent>,
     sequences: Vec<Sequence>,
     dropped_updates: u64,
 }
@@ -53,12 +56,8 @@ type Outcome = Result<(), String>;
 
 impl<C: ChannelAccess> Fsm<C> {
     /// Builds the plant of `cfg` and starts watching its PVs.
-    pub fn new(
-        cfg: CaenConfig,
-        config_path: Option<PathBuf>,
-        ca: Arc<C>,
-        events: mpsc::UnboundedSender<CaEvent>,
-    ) -> Self {
+    pub fn new(cfg: CaenConfig, config_path: Option<PathBuf>, ca: Arc<C>) -> Self {
+        let (events, events_rx) = mpsc::unbounded_channel();
         let mut fsm = Fsm {
             plant: Plant::new(
                 &cfg.prefix,
@@ -70,6 +69,7 @@ impl<C: ChannelAccess> Fsm<C> {
             ca,
             watches: Vec::new(),
             events,
+            events_rx,
             sequences: Vec::new(),
             dropped_updates: 0,
         };
@@ -79,6 +79,7 @@ impl<C: ChannelAccess> Fsm<C> {
 
     fn start_watches(&mut self) {
         self.watches.clear();
+        (self.events, self.events_rx) = mpsc::unbounded_channel();
         self.watches = self
             .plant
             .slots
@@ -641,8 +642,7 @@ pub async fn run<C: ChannelAccess>(
 ) -> anyhow::Result<()> {
     let name = cfg.name.clone();
     let refresh = cfg.timing.refresh_secs;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut fsm = Fsm::new(cfg, config_path, ca, tx);
+    let mut fsm = Fsm::new(cfg, config_path, ca);
     let options = SessionOptions::new(&name).subscribe(&format!("{name}/cmd/#"), QoS::AtLeastOnce);
     let (session, mut mqtt_events) = Session::start(&mqtt, options)?;
     fsm.publish(&session, true);
@@ -656,13 +656,13 @@ pub async fn run<C: ChannelAccess>(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            ev = rx.recv() => {
+            ev = fsm.events_rx.recv() => {
                 let Some(ev) = ev else { break };
                 fsm.apply(&ev);
                 // Take what else is queued, then publish once: a burst of monitor
                 // updates becomes one message per channel.
                 for _ in 0..10_000 {
-                    match rx.try_recv() {
+                    match fsm.events_rx.try_recv() {
                         Ok(ev) => fsm.apply(&ev),
                         Err(_) => break,
                     }
