@@ -132,9 +132,15 @@ impl CaenSim {
 
 /// A `caen-fsm` process.
 pub fn start_fsm(config: &Path, ports: CaPorts) -> Proc {
+    start_fsm_with(config, ports, &[])
+}
+
+/// A `caen-fsm` process with extra environment (e.g. `EPICS_CA_CONN_TMO`).
+pub fn start_fsm_with(config: &Path, ports: CaPorts, env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(bin("caen-fsm"));
     cmd.arg("--config").arg(config);
     ports.apply(&mut cmd);
+    cmd.envs(env.iter().copied());
     spawn_until(cmd, "watching PVs", WAIT)
 }
 

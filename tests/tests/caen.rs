@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use dcs_integration_tests::caen::{config, start_fsm, Ca, CaPorts, CaenSim, TestChannel};
+use dcs_integration_tests::caen::{config, start_fsm_with, Ca, CaPorts, CaenSim, TestChannel};
 use dcs_integration_tests::{Broker, BrokerKind, Observer, Proc};
 use serde_json::Value;
 
@@ -29,6 +29,10 @@ const CHANNELS: &[TestChannel] = &[
 
 impl Rig {
     async fn start() -> Rig {
+        Rig::start_with(&[]).await
+    }
+
+    async fn start_with(fsm_env: &[(&str, &str)]) -> Rig {
         let broker = Broker::start(BrokerKind::Dcs);
         let dir = tempfile::tempdir().unwrap();
         let ports = CaPorts::free();
@@ -46,7 +50,7 @@ impl Rig {
         .unwrap();
         let sim = CaenSim::start(&config_path, ports);
         let mut obs = Observer::connect(broker.port, "test-obs", &["dcs/#"]).await;
-        let fsm = start_fsm(&config_path, ports);
+        let fsm = start_fsm_with(&config_path, ports, fsm_env);
         let ca = Ca::new(ports).await;
         wait_state(&mut obs, "LV_OFF").await;
         Rig {
@@ -279,6 +283,26 @@ async fn ioc_crash_and_restart_recover_without_a_restart_of_the_fsm() {
         panic!("no recovery; caen-fsm said:\n{}", r.fsm.stderr_text());
     }
     let _ = r.ports;
+}
+
+/// An IOC that stops answering (process stopped, circuit still open) is noticed by the
+/// CA echo timeout (`EPICS_CA_CONN_TMO`, honoured from the environment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_ioc_is_disconnected_and_recovers() {
+    let mut r = Rig::start_with(&[("EPICS_CA_CONN_TMO", "1")]).await;
+    let pid = nix::unistd::Pid::from_raw(r.sim.proc().unwrap().child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let seen = r
+        .obs
+        .wait_for("dcs/status", WAIT, |p| p.contains("\"DISCONNECTED\""))
+        .await;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        seen.is_some(),
+        "hung IOC not noticed; caen-fsm said:\n{}",
+        r.fsm.stderr_text()
+    );
+    wait_state(&mut r.obs, "LV_OFF").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
