@@ -600,12 +600,15 @@ impl<C: ChannelAccess> Fsm<C> {
             // The stream dashboards and telemetry read, plus each channel's last state
             // retained on its own topic for clients that connect later.
             session.publish_state(&format!("{name}/channels/{}", ch.cfg.id), payload.clone());
-            if !session.try_publish(
-                &format!("{name}/channels"),
-                payload,
-                QoS::AtLeastOnce,
-                false,
-            ) {
+            // Before the first connection the retained copy above is all there is to keep.
+            if session.is_connected()
+                && !session.try_publish(
+                    &format!("{name}/channels"),
+                    payload,
+                    QoS::AtLeastOnce,
+                    false,
+                )
+            {
                 self.dropped_updates += 1;
                 if self.dropped_updates.is_power_of_two() {
                     tracing::warn!(
