@@ -152,19 +152,24 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
         });
     let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
     assert_eq!(v["status_code"], 2);
-    let g = o
-        .wait_for("dcs-launcher/status", WAIT, |p| p.contains("julabo-sim"))
-        .await
-        .expect("launcher lists the simulator");
-    let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
-    for c in [
+    // The launcher publishes as components start: wait for the one listing all six.
+    const ALL: [&str; 6] = [
         "broker",
         "caen-fsm",
         "caen-sim",
         "julabo",
         "julabo-sim",
         "telemetry",
-    ] {
+    ];
+    let g = o
+        .wait_for("dcs-launcher/status", WAIT, |p| {
+            serde_json::from_str::<serde_json::Value>(p)
+                .is_ok_and(|v| ALL.iter().all(|c| v["components"][c].is_object()))
+        })
+        .await
+        .expect("launcher lists every component");
+    let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
+    for c in ALL {
         assert_eq!(v["components"][c]["state"], "running", "{v}");
     }
     // No database in the simulated stack: the chiller's status is kept in the spool.
