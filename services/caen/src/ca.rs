@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use epics_base_rs::server::snapshot::DbrClass;
-use epics_base_rs::types::EpicsValue;
+use epics_base_rs::types::{DbFieldType, EpicsValue};
 use epics_ca_rs::client::{CaChannel, CaClient, ConnectionEvent};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
@@ -266,6 +266,10 @@ async fn watch(
 
 /// The enum strings of an enum PV (DBR_CTRL_ENUM); `None` for other types.
 async fn enum_labels(ch: &CaChannel) -> Option<Vec<String>> {
+    // One extra round trip per PV at every (re)connect: only enums need it.
+    if !matches!(ch.native_field_type(), Ok(DbFieldType::Enum)) {
+        return None;
+    }
     let snap = ch.get_with_metadata(DbrClass::Ctrl).await.ok()?;
     let enums = snap.enums?;
     Some(
