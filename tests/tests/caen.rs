@@ -139,7 +139,11 @@ async fn power_cycle_with_safety_rules() {
         0.0,
         "monitored-only channel untouched"
     );
-    let ch = wait_channel(&mut r.obs, "0", "published", |_| true).await;
+    // Enums are published by their strings, as the Python stack did.
+    let ch = wait_channel(&mut r.obs, "0", "with its enum strings", |v| {
+        v["hv_tripMode"] == "Ramp" && v["hv_imRange"] == "Low"
+    })
+    .await;
     for f in [
         "lv_board",
         "lv_channel",
