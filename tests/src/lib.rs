@@ -313,6 +313,8 @@ pub struct Observer {
     /// For publishing.
     pub client: rumqttc::AsyncClient,
     rx: mpsc::UnboundedReceiver<Got>,
+    /// One unit per PUBACK received.
+    acks: mpsc::UnboundedReceiver<()>,
     /// Received but not yet asked for, in arrival order.
     pending: std::collections::VecDeque<Got>,
 }
@@ -346,6 +348,7 @@ impl Observer {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+        let (ack_tx, acks) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 match el.poll().await {
@@ -358,6 +361,9 @@ impl Observer {
                     }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
                         let _ = ready_tx.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        let _ = ack_tx.send(());
                     }
                     Ok(_) => {}
                     Err(_) => {
@@ -377,8 +383,27 @@ impl Observer {
         Observer {
             client,
             rx,
+            acks,
             pending: Default::default(),
         }
+    }
+
+    /// Publishes at QoS 1 and waits for the broker's PUBACK, so the message is
+    /// stored (and, if retained, kept) before the caller goes on.
+    pub async fn publish_acked(&mut self, topic: &str, retain: bool, payload: &str) {
+        while self.acks.try_recv().is_ok() {}
+        self.client
+            .publish(
+                topic,
+                rumqttc::QoS::AtLeastOnce,
+                retain,
+                payload.as_bytes().to_vec(),
+            )
+            .await
+            .expect("publish");
+        tokio::time::timeout(Duration::from_secs(10), self.acks.recv())
+            .await
+            .expect("PUBACK within 10 s");
     }
 
     /// The next message on `topic` within `within`; messages on other topics stay

@@ -318,12 +318,10 @@ async fn retained_command_is_refused_not_replayed() {
         }
     }
     let broker = Broker::start(BrokerKind::Dcs);
-    let obs = Observer::connect(broker.port, "stale-publisher", &[]).await;
-    obs.client
-        .publish("svc9/cmd/start", rumqttc::QoS::AtLeastOnce, true, "on")
-        .await
-        .unwrap();
-    // Stored on the broker before the service starts.
+    let mut obs = Observer::connect(broker.port, "stale-publisher", &[]).await;
+    // Acknowledged, hence stored on the broker, before anyone subscribes: a
+    // subscriber arriving first would get a live (not retained) copy.
+    obs.publish_acked("svc9/cmd/start", true, "on").await;
     let mut check = Observer::connect(broker.port, "check", &["svc9/cmd/start"]).await;
     assert!(check
         .next_on("svc9/cmd/start", WAIT)
