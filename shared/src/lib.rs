@@ -21,6 +21,7 @@ pub mod mqtt;
 pub mod shutdown;
 pub mod spool;
 pub mod time;
+pub mod topic;
 
 pub use command::{Command, CommandError, Reply};
 pub use config::{ConfigError, Validate};

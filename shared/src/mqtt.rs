@@ -558,6 +558,18 @@ impl Session {
     /// Sends the one reply to a command: on `<name>/reply`, and on the MQTT 5 response
     /// topic with the correlation data when the command carried them.
     pub async fn reply(&self, command: &Message, reply: &Reply) -> Result<(), SessionError> {
+        let name = self.inner.name.clone();
+        self.reply_as(&name, command, reply).await
+    }
+
+    /// [`Session::reply`] for commands taken under another prefix than the service
+    /// name (the interlock takes `alarms/cmd/ack` and answers on `alarms/reply`).
+    pub async fn reply_as(
+        &self,
+        prefix: &str,
+        command: &Message,
+        reply: &Reply,
+    ) -> Result<(), SessionError> {
         let payload = Bytes::from(serde_json::to_vec(reply).unwrap_or_default());
         match reply.ok {
             true => tracing::info!(topic = %reply.topic, state = %reply.state, "command done"),
@@ -570,7 +582,7 @@ impl Session {
         self.inner
             .client
             .publish(
-                &self.topic("reply"),
+                &format!("{prefix}/reply"),
                 QoS::AtLeastOnce,
                 false,
                 payload.clone(),

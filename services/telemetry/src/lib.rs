@@ -3,8 +3,8 @@
 //! Source, transform, sink, as in vector:
 //! - [`service`]: the MQTT side (persistent session, QoS 1, acknowledged only once in
 //!   the spool);
-//! - [`mapping`]: the config's inputs turn a message into points ([`topic`] holds the
-//!   filter matching and the `{n}` name templates);
+//! - [`mapping`]: the config's inputs turn a message into points (`dcs_shared::topic`
+//!   holds the filter matching and the `{n}` name templates);
 //! - the spool (`dcs_shared::spool`) keeps [`record`]s on disk;
 //! - [`sink`]: batches to InfluxDB v1 or v2 with retry, backoff and a dead-letter file;
 //! - [`stats`]: self-metrics on `telemetry/stats` and in `telemetry_stats`.
@@ -16,6 +16,7 @@ pub mod record;
 pub mod service;
 pub mod sink;
 pub mod stats;
-pub mod topic;
+/// MQTT topic filters and name templates (shared with the interlock).
+pub use dcs_shared::topic;
 
 pub use config::TelemetryConfig;

@@ -1,0 +1,596 @@
+//! The rules file (YAML): the inputs the interlock watches, the rules over them, and
+//! the services it commands. Everything is checked at load; a rule that names an
+//! unknown input or lacks its threshold is refused with its key.
+
+use std::collections::BTreeMap;
+
+use dcs_shared::topic;
+use dcs_shared::{MqttSettings, Validate};
+use serde::{Deserialize, Serialize};
+
+/// Everything `interlock` needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterlockConfig {
+    /// MQTT name: `<name>/status`, `<name>/permits`, `<name>/online`, `<name>/cmd/...`.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Alarms go to `<alarm_prefix>/<rule>` and `<alarm_prefix>/summary`; they are
+    /// acknowledged on `<alarm_prefix>/cmd/ack`.
+    #[serde(default = "default_alarm_prefix")]
+    pub alarm_prefix: String,
+    /// The services the interlock commands.
+    #[serde(default)]
+    pub targets: Targets,
+    /// Named values read from MQTT.
+    pub inputs: BTreeMap<String, InputConfig>,
+    /// The rules, by name (the name is the alarm's topic level).
+    pub rules: BTreeMap<String, RuleConfig>,
+    /// Evaluation and publication timing.
+    #[serde(default)]
+    pub timing: Timing,
+    /// Broker settings when run alone (`dcs up` passes the stack's).
+    #[serde(default)]
+    pub mqtt: MqttSettings,
+}
+
+fn default_name() -> String {
+    "interlock".into()
+}
+fn default_alarm_prefix() -> String {
+    "alarms".into()
+}
+
+/// The services commanded, by their MQTT names, and how fresh their status must be.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Targets {
+    /// The CAEN FSM (`dcs`): `<caen>/channels/<id>` is read, `<caen>/cmd/switch/...` sent.
+    pub caen: String,
+    /// The chiller driver (`julabo`): `<chiller>/status` is read, `<chiller>/cmd/setWT` sent.
+    pub chiller: String,
+    /// A target status older than this is unknown, hence unsafe. Must exceed the
+    /// services' republish periods (CAEN `timing.refresh_secs`, Julabo poll).
+    pub max_age_secs: f64,
+}
+
+impl Default for Targets {
+    fn default() -> Self {
+        Targets {
+            caen: "dcs".into(),
+            chiller: "julabo".into(),
+            max_age_secs: 30.0,
+        }
+    }
+}
+
+/// One named input: a topic (wildcards allowed: every matching topic is a series of
+/// its own) and where the value is in the payload.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// MQTT topic filter: `julabo/status`, `+/sensors/BME/dew`.
+    pub topic: String,
+    /// JSON key holding the value; without it the payload is a bare number
+    /// (`21.7`) or `true`/`false`.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// A value older than this is stale, and stale counts as unsafe.
+    pub max_age_secs: f64,
+    /// Whose `<source>/online` says whether the publisher is alive; default: the
+    /// topic's first level (`julabo`, `ESP01`).
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+/// What a rule checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    /// `min(cold) - max(dew) >= margin`.
+    DewPoint,
+    /// `max(inputs) <= limit`.
+    OverTemperature,
+    /// LV may be on only while `running` is true.
+    CoolingRequired,
+}
+
+/// How bad a rule's alarm is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Worth a look.
+    Warning,
+    /// Hardware at risk.
+    #[default]
+    Critical,
+}
+
+impl Severity {
+    /// The name as published.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// What the cooling rule does when LV is on without cooling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CoolingMode {
+    /// Refuse LV on (the permit) and raise the alarm; leave what is on alone.
+    Refuse,
+    /// Also switch HV then LV off.
+    SwitchOff,
+}
+
+/// One rule. Which keys apply depends on `kind`; a key that does not apply is refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// What the rule checks.
+    pub kind: RuleKind,
+    /// Alarm severity.
+    #[serde(default)]
+    pub severity: Severity,
+    /// `dew_point`: inputs whose lowest value is the coldest surface (chiller bath,
+    /// module temperatures).
+    #[serde(default)]
+    pub cold: Vec<String>,
+    /// `dew_point`: inputs whose highest value is the dew point.
+    #[serde(default)]
+    pub dew: Vec<String>,
+    /// `dew_point`: how far above the dew point the coldest surface must stay, degC.
+    #[serde(default)]
+    pub margin: Option<f64>,
+    /// `over_temperature`: the inputs watched.
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    /// `over_temperature`: the highest allowed value.
+    #[serde(default)]
+    pub limit: Option<f64>,
+    /// `cooling_required`: the input saying the chiller circulates (boolean).
+    #[serde(default)]
+    pub running: Option<String>,
+    /// `cooling_required`: refuse LV on only, or also switch off.
+    #[serde(default)]
+    pub mode: Option<CoolingMode>,
+    /// How far back past the threshold a value must come before the condition
+    /// counts as normal again (no chatter around the threshold).
+    #[serde(default)]
+    pub hysteresis: f64,
+    /// How long the condition must hold before the alarm is raised.
+    #[serde(default)]
+    pub hold_secs: f64,
+    /// While the condition is not known to be safe, LV on is refused
+    /// (`<name>/permits`, read by the CAEN FSM).
+    #[serde(default = "yes")]
+    pub inhibit_lv: bool,
+    /// Actions in order while the alarm's condition persists.
+    #[serde(default)]
+    pub actions: Vec<ActionStep>,
+    /// How long an action may take to show in the target's status before the next
+    /// action is taken at once.
+    #[serde(default = "default_confirm_timeout")]
+    pub confirm_timeout_secs: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_confirm_timeout() -> f64 {
+    60.0
+}
+
+/// An action of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionStep {
+    /// What to do.
+    #[serde(rename = "do")]
+    pub action: ActionKind,
+    /// `chiller_setpoint`: the temperature, degC (the set-point is only ever raised).
+    #[serde(default)]
+    pub temp: Option<f64>,
+    /// Seconds after the alarm was raised before this action is due (an earlier
+    /// action that failed makes it due at once).
+    #[serde(default)]
+    pub after_secs: f64,
+}
+
+/// The actions the interlock can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    /// `<caen>/cmd/switch/hv off`.
+    HvOff,
+    /// `<caen>/cmd/switch/lv off` (the FSM ramps HV down first).
+    LvOff,
+    /// `<chiller>/cmd/setWT` on the set-point in use.
+    ChillerSetpoint,
+}
+
+impl ActionKind {
+    /// The name as published.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::HvOff => "hv_off",
+            ActionKind::LvOff => "lv_off",
+            ActionKind::ChillerSetpoint => "chiller_setpoint",
+        }
+    }
+}
+
+/// Evaluation and publication timing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timing {
+    /// Rules are evaluated on every input message and at least this often (ages,
+    /// hold times, confirmations).
+    pub evaluate_ms: u64,
+    /// Latched alarms and the status are republished this often.
+    pub republish_secs: f64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            evaluate_ms: 250,
+            republish_secs: 60.0,
+        }
+    }
+}
+
+impl RuleConfig {
+    /// The actions actually taken: `cooling_required` with `switch_off` means HV then
+    /// LV off.
+    pub fn effective_actions(&self) -> Vec<ActionStep> {
+        if self.kind == RuleKind::CoolingRequired && self.mode == Some(CoolingMode::SwitchOff) {
+            [ActionKind::HvOff, ActionKind::LvOff]
+                .into_iter()
+                .map(|action| ActionStep {
+                    action,
+                    temp: None,
+                    after_secs: 0.0,
+                })
+                .collect()
+        } else {
+            self.actions.clone()
+        }
+    }
+
+    /// Every input the rule reads.
+    pub fn input_names(&self) -> impl Iterator<Item = &String> {
+        self.cold
+            .iter()
+            .chain(&self.dew)
+            .chain(&self.inputs)
+            .chain(self.running.iter())
+    }
+}
+
+/// Topic levels the interlock uses under the alarm prefix itself.
+const RESERVED_RULE_NAMES: &[&str] = &["summary", "reply", "cmd"];
+
+fn level_ok(s: &str) -> bool {
+    !s.is_empty() && !s.contains(['/', '+', '#'])
+}
+
+fn finite_nonneg(v: f64) -> bool {
+    v.is_finite() && v >= 0.0
+}
+
+impl Validate for InterlockConfig {
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: String, m: String| Err((k, m));
+        for (key, v) in [("name", &self.name), ("alarm_prefix", &self.alarm_prefix)] {
+            if !level_ok(v) {
+                return err(
+                    key.into(),
+                    "must be a non-empty MQTT topic level (no / + #)".into(),
+                );
+            }
+        }
+        for (key, v) in [
+            ("targets.caen", &self.targets.caen),
+            ("targets.chiller", &self.targets.chiller),
+        ] {
+            if !level_ok(v) {
+                return err(
+                    key.into(),
+                    "must be a service name (an MQTT topic level)".into(),
+                );
+            }
+        }
+        if !(self.targets.max_age_secs.is_finite() && self.targets.max_age_secs > 0.0) {
+            return err("targets.max_age_secs".into(), "must be > 0".into());
+        }
+        if self.timing.evaluate_ms == 0 || self.timing.evaluate_ms > 10_000 {
+            return err("timing.evaluate_ms".into(), "must be 1 .. 10000".into());
+        }
+        if !(self.timing.republish_secs.is_finite() && self.timing.republish_secs >= 1.0) {
+            return err("timing.republish_secs".into(), "must be >= 1".into());
+        }
+        for (name, input) in &self.inputs {
+            let k = |f: &str| format!("inputs.{name}.{f}");
+            topic::check_filter(&input.topic).or_else(|m| err(k("topic"), m))?;
+            if !(input.max_age_secs.is_finite() && input.max_age_secs > 0.0) {
+                return err(
+                    k("max_age_secs"),
+                    "must be > 0 (stale data counts as unsafe)".into(),
+                );
+            }
+            if input.field.as_deref() == Some("") {
+                return err(
+                    k("field"),
+                    "must name a JSON key, or be left out for bare values".into(),
+                );
+            }
+            if let Some(s) = &input.source {
+                if !level_ok(s) {
+                    return err(
+                        k("source"),
+                        "must be a service name (an MQTT topic level)".into(),
+                    );
+                }
+            }
+        }
+        if self.rules.is_empty() {
+            return err(
+                "rules".into(),
+                "no rules: an interlock without rules protects nothing".into(),
+            );
+        }
+        for (name, rule) in &self.rules {
+            check_rule(name, rule, self)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_rule(name: &str, r: &RuleConfig, cfg: &InterlockConfig) -> Result<(), (String, String)> {
+    let k = |f: &str| format!("rules.{name}.{f}");
+    let err = |key: String, m: &str| Err((key, m.to_string()));
+    if !level_ok(name) || RESERVED_RULE_NAMES.contains(&name) {
+        return Err((
+            format!("rules.{name}"),
+            format!(
+                "a rule name is an MQTT topic level (no / + #) and not one of {}",
+                RESERVED_RULE_NAMES.join(", ")
+            ),
+        ));
+    }
+    // Keys that belong to other kinds are refused: a `limit` on a dew-point rule is a
+    // mistake that would otherwise be silently ignored.
+    let (needs, forbids): (&[&str], &[&str]) = match r.kind {
+        RuleKind::DewPoint => (
+            &["cold", "dew", "margin"],
+            &["inputs", "limit", "running", "mode"],
+        ),
+        RuleKind::OverTemperature => (
+            &["inputs", "limit"],
+            &["cold", "dew", "margin", "running", "mode"],
+        ),
+        RuleKind::CoolingRequired => (
+            &["running", "mode"],
+            &["cold", "dew", "margin", "inputs", "limit", "hysteresis"],
+        ),
+    };
+    let present = |f: &str| match f {
+        "cold" => !r.cold.is_empty(),
+        "dew" => !r.dew.is_empty(),
+        "margin" => r.margin.is_some(),
+        "inputs" => !r.inputs.is_empty(),
+        "limit" => r.limit.is_some(),
+        "running" => r.running.is_some(),
+        "mode" => r.mode.is_some(),
+        "hysteresis" => r.hysteresis != 0.0,
+        _ => false,
+    };
+    let kind = format!("{:?}", r.kind);
+    for f in needs {
+        if !present(f) {
+            return Err((k(f), format!("required for kind {}", snake(&kind))));
+        }
+    }
+    for f in forbids {
+        if present(f) {
+            return Err((k(f), format!("does not apply to kind {}", snake(&kind))));
+        }
+    }
+    for (key, input) in r
+        .cold
+        .iter()
+        .map(|i| ("cold", i))
+        .chain(r.dew.iter().map(|i| ("dew", i)))
+        .chain(r.inputs.iter().map(|i| ("inputs", i)))
+        .chain(r.running.iter().map(|i| ("running", i)))
+    {
+        if !cfg.inputs.contains_key(input) {
+            return Err((
+                k(key),
+                format!(
+                    "no input named `{input}` (inputs: {})",
+                    cfg.inputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+    }
+    for (key, v) in [("margin", r.margin), ("limit", r.limit)] {
+        if v.is_some_and(|v| !v.is_finite()) {
+            return err(k(key), "must be a finite number");
+        }
+    }
+    if !finite_nonneg(r.hysteresis) {
+        return err(k("hysteresis"), "must be >= 0");
+    }
+    if !finite_nonneg(r.hold_secs) {
+        return err(k("hold_secs"), "must be >= 0");
+    }
+    if !(r.confirm_timeout_secs.is_finite() && r.confirm_timeout_secs > 0.0) {
+        return err(k("confirm_timeout_secs"), "must be > 0");
+    }
+    if r.kind == RuleKind::CoolingRequired && !r.actions.is_empty() {
+        return err(
+            k("actions"),
+            "cooling_required takes `mode: refuse` or `mode: switch_off` (HV then LV off), not actions",
+        );
+    }
+    let mut last_after = 0.0;
+    for (i, a) in r.actions.iter().enumerate() {
+        let ka = |f: &str| format!("rules.{name}.actions[{i}].{f}");
+        if !finite_nonneg(a.after_secs) {
+            return err(ka("after_secs"), "must be >= 0");
+        }
+        if a.after_secs < last_after {
+            return err(
+                ka("after_secs"),
+                "actions are taken in order: after_secs must not decrease",
+            );
+        }
+        last_after = a.after_secs;
+        match (a.action, a.temp) {
+            (ActionKind::ChillerSetpoint, None) => {
+                return err(ka("temp"), "required for chiller_setpoint")
+            }
+            (ActionKind::ChillerSetpoint, Some(t)) if !t.is_finite() => {
+                return err(ka("temp"), "must be a finite number")
+            }
+            (ActionKind::HvOff | ActionKind::LvOff, Some(_)) => {
+                return err(ka("temp"), "only chiller_setpoint takes a temperature")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn snake(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const GOOD: &str = r#"
+inputs:
+  bath: {topic: julabo/status, field: internal_temp, max_age_secs: 30}
+  running: {topic: julabo/status, field: running, max_age_secs: 30}
+  dew: {topic: "+/sensors/BME/dew", max_age_secs: 60}
+rules:
+  dew_point:
+    kind: dew_point
+    cold: [bath]
+    dew: [dew]
+    margin: 3
+    hysteresis: 1
+    actions:
+      - {do: chiller_setpoint, temp: 20}
+      - {do: hv_off, after_secs: 30}
+      - {do: lv_off, after_secs: 30}
+  cooling: {kind: cooling_required, running: running, mode: switch_off}
+"#;
+
+    fn parse(text: &str) -> Result<InterlockConfig, String> {
+        dcs_shared::config::from_str::<InterlockConfig>(text, Path::new("interlock.yaml"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_good_file_loads_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.name, "interlock");
+        assert_eq!(c.alarm_prefix, "alarms");
+        assert_eq!(c.targets.caen, "dcs");
+        let cooling = &c.rules["cooling"];
+        assert!(cooling.inhibit_lv);
+        let actions: Vec<_> = cooling
+            .effective_actions()
+            .iter()
+            .map(|a| a.action)
+            .collect();
+        assert_eq!(actions, [ActionKind::HvOff, ActionKind::LvOff]);
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_their_key() {
+        let cases = [
+            (
+                GOOD.replace("cold: [bath]", "cold: [bathh]"),
+                "rules.dew_point.cold",
+                "no input named `bathh`",
+            ),
+            (
+                GOOD.replace("    margin: 3\n", ""),
+                "rules.dew_point.margin",
+                "required for kind dew_point",
+            ),
+            (
+                GOOD.replace("margin: 3", "margin: 3\n    limit: 40"),
+                "rules.dew_point.limit",
+                "does not apply",
+            ),
+            (
+                GOOD.replace("max_age_secs: 60", "max_age_secs: 0"),
+                "inputs.dew.max_age_secs",
+                "must be > 0",
+            ),
+            (
+                GOOD.replace(
+                    "{do: hv_off, after_secs: 30}",
+                    "{do: hv_off, after_secs: 10, temp: 3}",
+                ),
+                "rules.dew_point.actions[1].temp",
+                "only chiller_setpoint",
+            ),
+            (
+                GOOD.replace(
+                    "{do: lv_off, after_secs: 30}",
+                    "{do: lv_off, after_secs: 5}",
+                ),
+                "rules.dew_point.actions[2].after_secs",
+                "must not decrease",
+            ),
+            (
+                GOOD.replace("{do: chiller_setpoint, temp: 20}", "{do: chiller_setpoint}"),
+                "rules.dew_point.actions[0].temp",
+                "required",
+            ),
+            (
+                GOOD.replace("cooling: {", "summary: {"),
+                "rules.summary",
+                "not one of",
+            ),
+            (
+                GOOD.replace("mode: switch_off", "mode: off"),
+                "rules.cooling.mode",
+                "unknown variant",
+            ),
+            (
+                GOOD.replace("+/sensors/BME/dew", "ESP+/sensors"),
+                "inputs.dew.topic",
+                "whole level",
+            ),
+            (
+                GOOD.replace("{do: hv_off", "{do: hv_of"),
+                "rules.dew_point.actions[1].do",
+                "unknown variant",
+            ),
+        ];
+        for (text, key, msg) in cases {
+            let e = parse(&text).expect_err(key);
+            assert!(e.contains(key) && e.contains(msg), "{key}: {e}");
+        }
+    }
+}

@@ -1,0 +1,559 @@
+//! The interlock without I/O: messages and clock ticks in, retained state and
+//! commands out. [`crate::service`] connects it to MQTT; tests and the benchmark can
+//! drive it directly.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use dcs_shared::UtcNanos;
+use serde_json::{json, Value as Json};
+
+use crate::alarm::Alarm;
+use crate::config::{InterlockConfig, RuleConfig, RuleKind, Severity};
+use crate::escalation::{Escalation, Outgoing};
+use crate::inputs::Inputs;
+use crate::plant::Plant;
+use crate::rules;
+
+/// What the service must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Publish retained state (kept and republished after a reconnect).
+    State {
+        /// Topic.
+        topic: String,
+        /// JSON payload.
+        payload: String,
+    },
+    /// Send a command to a target.
+    Command(Outgoing),
+}
+
+struct Rule {
+    name: String,
+    cfg: RuleConfig,
+    alarm: Alarm,
+    escalation: Escalation,
+    cooling_present: Option<bool>,
+}
+
+/// The interlock's state.
+pub struct Interlock {
+    name: String,
+    alarm_prefix: String,
+    inputs: Inputs,
+    plant: Plant,
+    rules: Vec<Rule>,
+    /// For each input, the rules reading it.
+    readers: Vec<Vec<usize>>,
+    /// Retained alarms are taken back until then (after a restart).
+    restore_until: Instant,
+    republish_every: Duration,
+    last_republish: Instant,
+    published: BTreeMap<String, String>,
+}
+
+impl Interlock {
+    /// Builds the interlock at `now`.
+    pub fn new(cfg: &InterlockConfig, now: Instant) -> Self {
+        let inputs = Inputs::new(&cfg.inputs, now);
+        let rules: Vec<Rule> = cfg
+            .rules
+            .iter()
+            .map(|(name, r)| Rule {
+                name: name.clone(),
+                cfg: r.clone(),
+                alarm: Alarm::new(name, r.severity, Duration::from_secs_f64(r.hold_secs)),
+                escalation: Escalation::new(
+                    r.effective_actions(),
+                    Duration::from_secs_f64(r.confirm_timeout_secs),
+                ),
+                cooling_present: None,
+            })
+            .collect();
+        let mut readers = vec![Vec::new(); cfg.inputs.len()];
+        for (ri, r) in rules.iter().enumerate() {
+            for name in r.cfg.input_names() {
+                if let Some(i) = inputs.index(name) {
+                    readers[i].push(ri);
+                }
+            }
+        }
+        Interlock {
+            name: cfg.name.clone(),
+            alarm_prefix: cfg.alarm_prefix.clone(),
+            inputs,
+            plant: Plant::new(
+                &cfg.targets.caen,
+                &cfg.targets.chiller,
+                Duration::from_secs_f64(cfg.targets.max_age_secs),
+            ),
+            rules,
+            readers,
+            restore_until: now + Duration::from_secs(5),
+            republish_every: Duration::from_secs_f64(cfg.timing.republish_secs),
+            last_republish: now,
+            published: BTreeMap::new(),
+        }
+    }
+
+    /// Every filter the service subscribes to.
+    pub fn filters(&self) -> Vec<String> {
+        let mut f = self.inputs.filters();
+        f.extend(self.plant.filters());
+        f.push("+/online".into());
+        f.push(format!("{}/+", self.alarm_prefix));
+        f.push(format!("{}/cmd/#", self.alarm_prefix));
+        f.push(format!("{}/cmd/#", self.name));
+        f.sort();
+        f.dedup();
+        f
+    }
+
+    /// The alarm topic prefix.
+    pub fn alarm_prefix(&self) -> &str {
+        &self.alarm_prefix
+    }
+
+    /// Takes a message (not a command: the service parses those).
+    pub fn on_message(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
+        now: Instant,
+        wall: UtcNanos,
+    ) -> Vec<Effect> {
+        let mut touched: Vec<usize> = Vec::new();
+        if let Some(rule) = topic
+            .strip_prefix(self.alarm_prefix.as_str())
+            .and_then(|t| t.strip_prefix('/'))
+        {
+            // Our own retained alarms, read back once after a start.
+            if retain && now < self.restore_until {
+                if let (Some(r), Ok(doc)) = (
+                    self.rules.iter_mut().find(|r| r.name == rule),
+                    serde_json::from_slice::<Json>(payload),
+                ) {
+                    if r.alarm.restore(&doc) {
+                        tracing::warn!(
+                            rule,
+                            state = r.alarm.state(),
+                            "latched alarm restored from its retained copy"
+                        );
+                    }
+                }
+            }
+            return self.settle(&touched, now, wall);
+        }
+        if let Some(source) = topic.strip_suffix("/online") {
+            if !source.contains('/') {
+                self.inputs.set_online(source, payload != b"false");
+                self.plant.ingest(topic, payload, now);
+                touched.extend(0..self.rules.len());
+                return self.settle(&touched, now, wall);
+            }
+        }
+        if topic == format!("{}/reply", self.plant.caen())
+            || topic == format!("{}/reply", self.plant.chiller())
+        {
+            if let Ok(doc) = serde_json::from_slice::<Json>(payload) {
+                let cmd = doc.get("topic").and_then(Json::as_str).unwrap_or("");
+                let ok = doc.get("ok").and_then(Json::as_bool).unwrap_or(false);
+                let error = doc.get("error").and_then(Json::as_str);
+                for (i, r) in self.rules.iter_mut().enumerate() {
+                    if r.escalation.reply(cmd, ok, error) {
+                        touched.push(i);
+                    }
+                }
+            }
+            return self.settle(&touched, now, wall);
+        }
+        if self.plant.ingest(topic, payload, now) {
+            // Confirmations and the cooling rule's "is LV on".
+            touched.extend(
+                self.rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| {
+                        r.cfg.kind == RuleKind::CoolingRequired || r.escalation.running()
+                    })
+                    .map(|(i, _)| i),
+            );
+        }
+        let got = self.inputs.ingest(topic, payload, now);
+        for (i, why) in &got.malformed {
+            tracing::warn!(
+                topic,
+                input = self.inputs.name(*i),
+                why,
+                "unreadable input value (counts as stale)"
+            );
+        }
+        for i in got
+            .updated
+            .iter()
+            .chain(got.malformed.iter().map(|(i, _)| i))
+        {
+            touched.extend(&self.readers[*i]);
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        self.settle(&touched, now, wall)
+    }
+
+    /// Time passes: ages, hold times, action deadlines, periodic republication.
+    pub fn tick(&mut self, now: Instant, wall: UtcNanos) -> Vec<Effect> {
+        let all: Vec<usize> = (0..self.rules.len()).collect();
+        let mut out = self.settle(&all, now, wall);
+        if now.saturating_duration_since(self.last_republish) >= self.republish_every {
+            out.extend(self.republish(wall));
+        }
+        out
+    }
+
+    /// Everything retained, now (refresh, periodic).
+    pub fn republish(&mut self, wall: UtcNanos) -> Vec<Effect> {
+        self.last_republish = Instant::now();
+        self.published.clear();
+        let mut out = Vec::new();
+        for i in 0..self.rules.len() {
+            out.push(self.alarm_effect(i, wall));
+        }
+        self.publish_derived(wall, &mut out);
+        out
+    }
+
+    /// Acknowledges one alarm or all latched ones; the result is the reply's error.
+    pub fn acknowledge(
+        &mut self,
+        rule: Option<&str>,
+        operator: &str,
+        wall: UtcNanos,
+    ) -> (Result<(), String>, Vec<Effect>) {
+        let mut out = Vec::new();
+        let result = match rule {
+            Some(name) => match self.rules.iter().position(|r| r.name == name) {
+                None => Err(format!(
+                    "no rule `{}` (rules: {})",
+                    dcs_shared::command::truncate(name, 40),
+                    self.rules
+                        .iter()
+                        .map(|r| r.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                Some(i) => {
+                    let r = self.rules[i].alarm.acknowledge(operator, wall);
+                    if r.is_ok() {
+                        tracing::info!(
+                            rule = name,
+                            operator,
+                            state = self.rules[i].alarm.state(),
+                            "alarm acknowledged"
+                        );
+                        out.push(self.alarm_effect(i, wall));
+                    }
+                    r
+                }
+            },
+            None => {
+                let mut n = 0;
+                for i in 0..self.rules.len() {
+                    if self.rules[i].alarm.acknowledge(operator, wall).is_ok() {
+                        n += 1;
+                        out.push(self.alarm_effect(i, wall));
+                    }
+                }
+                tracing::info!(operator, count = n, "alarms acknowledged");
+                if n == 0 {
+                    Err("no alarm to acknowledge: all are cleared".into())
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        self.publish_derived(wall, &mut out);
+        (result, out)
+    }
+
+    /// `OK`, `ALARM` (an alarm is latched) or `UNKNOWN` (waiting for first values).
+    pub fn state(&self) -> &'static str {
+        if self.rules.iter().any(|r| r.alarm.state() != "cleared") {
+            "ALARM"
+        } else if self.rules.iter().any(|r| r.alarm.condition() == "unknown") {
+            "UNKNOWN"
+        } else {
+            "OK"
+        }
+    }
+
+    /// The earliest instant at which [`Interlock::tick`] has a deadline to act on.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.rules
+            .iter()
+            .filter_map(|r| r.escalation.next_deadline())
+            .min()
+    }
+
+    fn settle(&mut self, rules: &[usize], now: Instant, wall: UtcNanos) -> Vec<Effect> {
+        let mut out = Vec::new();
+        for &i in rules {
+            let r = &mut self.rules[i];
+            let eval = rules::evaluate(&r.cfg, &self.inputs, &self.plant, now);
+            r.cooling_present = eval.cooling_present;
+            let o = r.alarm.observe(&eval, now, wall);
+            if o.raised {
+                tracing::warn!(
+                    rule = r.name,
+                    severity = r.cfg.severity.as_str(),
+                    message = r.alarm.message(),
+                    "alarm raised"
+                );
+                r.escalation.start(now);
+            }
+            if o.ended {
+                tracing::info!(
+                    rule = r.name,
+                    state = r.alarm.state(),
+                    "alarm condition back to normal"
+                );
+                r.escalation.stop();
+            }
+            let (commands, logged) = r.escalation.step(&self.plant, now, wall);
+            for c in &commands {
+                tracing::warn!(
+                    rule = r.name,
+                    topic = c.topic,
+                    payload = c.payload,
+                    "interlock command"
+                );
+            }
+            out.extend(commands.into_iter().map(Effect::Command));
+            if o.changed || logged {
+                out.push(self.alarm_effect(i, wall));
+            }
+        }
+        self.publish_derived(wall, &mut out);
+        out
+    }
+
+    fn alarm_effect(&self, i: usize, wall: UtcNanos) -> Effect {
+        let r = &self.rules[i];
+        let mut doc = r.alarm.to_json(wall);
+        let log: Vec<Json> = r.escalation.log.iter().map(|l| l.to_json()).collect();
+        doc["action"] = r.escalation.log.last().map_or(Json::Null, |l| {
+            json!(format!("{}: {}", l.action.as_str(), l.result))
+        });
+        doc["actions"] = Json::Array(log);
+        Effect::State {
+            topic: format!("{}/{}", self.alarm_prefix, r.name),
+            payload: doc.to_string(),
+        }
+    }
+
+    /// Permits, summary and status, each only when it changed (the timestamp aside).
+    fn publish_derived(&mut self, wall: UtcNanos, out: &mut Vec<Effect>) {
+        let mut reasons = Vec::new();
+        for r in self.rules.iter().filter(|r| r.cfg.inhibit_lv) {
+            let ok = match r.cfg.kind {
+                RuleKind::CoolingRequired => r.cooling_present == Some(true) && !r.alarm.breached(),
+                _ => r.alarm.known_safe(),
+            };
+            if !ok {
+                let why = match (r.cfg.kind, r.alarm.condition()) {
+                    (_, "unknown") => "waiting for first values".to_string(),
+                    (RuleKind::CoolingRequired, _) if !r.alarm.breached() => {
+                        "cooling required: the chiller is not known to be running".to_string()
+                    }
+                    _ if r.alarm.message().is_empty() => "not known to be safe".to_string(),
+                    _ => r.alarm.message().to_string(),
+                };
+                reasons.push(format!("{}: {why}", r.name));
+            }
+        }
+        let permits = json!({"lv_on": reasons.is_empty(), "reasons": reasons});
+        let mut counts = [0u32; 3];
+        let mut worst: Option<Severity> = None;
+        let mut by_rule = serde_json::Map::new();
+        let mut conditions = serde_json::Map::new();
+        for r in &self.rules {
+            let s = r.alarm.state();
+            counts[match s {
+                "active" => 0,
+                "acknowledged" => 1,
+                _ => 2,
+            }] += 1;
+            if s != "cleared" {
+                worst = worst.max(Some(r.alarm.severity));
+            }
+            by_rule.insert(r.name.clone(), json!(s));
+            conditions.insert(r.name.clone(), json!(r.alarm.condition()));
+        }
+        let summary = json!({
+            "active": counts[0],
+            "acknowledged": counts[1],
+            "cleared": counts[2],
+            "worst": worst.map_or("none", Severity::as_str),
+            "rules": by_rule,
+        });
+        let status = json!({
+            "state": self.state(),
+            "lv_on_permitted": permits["lv_on"],
+            "conditions": conditions,
+            "malformed_inputs": self.inputs.malformed_total(),
+        });
+        for (topic, mut doc) in [
+            (format!("{}/permits", self.name), permits),
+            (format!("{}/summary", self.alarm_prefix), summary),
+            (format!("{}/status", self.name), status),
+        ] {
+            let key = doc.to_string();
+            if self.published.get(&topic) == Some(&key) {
+                continue;
+            }
+            self.published.insert(topic.clone(), key);
+            doc["time"] = json!(wall.as_nanos());
+            out.push(Effect::State {
+                topic,
+                payload: doc.to_string(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn engine() -> (Interlock, Instant) {
+        let cfg: InterlockConfig = dcs_shared::config::from_str(
+            r#"
+inputs:
+  bath: {topic: julabo/status, field: internal_temp, max_age_secs: 30}
+  running: {topic: julabo/status, field: running, max_age_secs: 30}
+  dew: {topic: "+/sensors/BME/dew", max_age_secs: 60}
+rules:
+  dew_point:
+    kind: dew_point
+    cold: [bath]
+    dew: [dew]
+    margin: 3
+    hysteresis: 1
+    actions:
+      - {do: chiller_setpoint, temp: 20}
+      - {do: hv_off, after_secs: 10}
+      - {do: lv_off, after_secs: 10}
+  cooling: {kind: cooling_required, running: running, mode: refuse}
+"#,
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        (Interlock::new(&cfg, t0), t0)
+    }
+
+    fn states(e: &[Effect]) -> BTreeMap<String, Json> {
+        e.iter()
+            .filter_map(|e| match e {
+                Effect::State { topic, payload } => {
+                    Some((topic.clone(), serde_json::from_str(payload).unwrap()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn commands(e: &[Effect]) -> Vec<String> {
+        e.iter()
+            .filter_map(|e| match e {
+                Effect::Command(c) => Some(c.topic.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dew_point_breach_commands_in_order_and_permit_follows() {
+        let (mut il, t0) = engine();
+        let w = UtcNanos(7);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let out = il.tick(t0, w);
+        assert_eq!(
+            states(&out)["interlock/permits"]["lv_on"],
+            false,
+            "unknown at start"
+        );
+        il.on_message(
+            "dcs/channels/0",
+            br#"{"module":"m","lv_status":1,"hv_status":1}"#,
+            false,
+            t0,
+            w,
+        );
+        il.on_message(
+            "julabo/status",
+            br#"{"internal_temp":10.0,"running":true,"setpoint_1":10.0,"used_setpoint":1}"#,
+            false,
+            t0,
+            w,
+        );
+        let out = il.on_message("ESP01/sensors/BME/dew", b"5.0", false, t0, w);
+        let s = states(&out);
+        assert_eq!(s["interlock/permits"]["lv_on"], true);
+        assert_eq!(s["interlock/status"]["state"], "OK");
+
+        let out = il.on_message("ESP01/sensors/BME/dew", b"8.0", false, at(1), w);
+        assert_eq!(commands(&out), ["julabo/cmd/setWT"]);
+        let s = states(&out);
+        assert_eq!(s["alarms/dew_point"]["state"], "active");
+        assert_eq!(s["alarms/dew_point"]["values"]["dew_point"], 8.0);
+        assert_eq!(s["alarms/summary"]["active"], 1);
+        assert_eq!(s["interlock/permits"]["lv_on"], false);
+        assert!(s["interlock/permits"]["reasons"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("dew_point: coldest 10.00"));
+
+        il.on_message(
+            "julabo/status",
+            br#"{"internal_temp":10.0,"running":true,"setpoint_1":20.0,"used_setpoint":1}"#,
+            false,
+            at(2),
+            w,
+        );
+        assert_eq!(commands(&il.tick(at(11), w)), ["dcs/cmd/switch/hv"]);
+        let out = il.on_message(
+            "dcs/channels/0",
+            br#"{"module":"m","lv_status":1,"hv_status":0}"#,
+            false,
+            at(12),
+            w,
+        );
+        assert_eq!(commands(&out), ["dcs/cmd/switch/lv"]);
+
+        // Back to normal: latched until acknowledged, then cleared.
+        il.on_message(
+            "dcs/channels/0",
+            br#"{"module":"m","lv_status":0,"hv_status":0}"#,
+            false,
+            at(13),
+            w,
+        );
+        let out = il.on_message("ESP01/sensors/BME/dew", b"5.0", false, at(14), w);
+        let s = states(&out);
+        assert_eq!(s["alarms/dew_point"]["state"], "active");
+        assert_eq!(s["alarms/dew_point"]["condition"], "normal");
+        let actions = s["alarms/dew_point"]["actions"].as_array().unwrap().len();
+        assert_eq!(actions, 3);
+        let (r, out) = il.acknowledge(Some("dew_point"), "ana", w);
+        r.unwrap();
+        assert_eq!(states(&out)["alarms/dew_point"]["state"], "cleared");
+        assert!(il
+            .acknowledge(Some("nope"), "ana", w)
+            .0
+            .unwrap_err()
+            .contains("rules: cooling, dew_point"));
+    }
+}

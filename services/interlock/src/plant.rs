@@ -1,0 +1,244 @@
+//! What the interlock knows of the services it commands, from their own status
+//! topics: the CAEN channels (`<caen>/channels/<id>`, retained per channel) and the
+//! chiller (`<chiller>/status`). Used to decide whether LV is on and whether an action
+//! took effect. No I/O.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+/// One CAEN channel as last published.
+#[derive(Debug, Clone)]
+struct Channel {
+    /// Has a module: the FSM commands it.
+    active: bool,
+    lv_on: Option<bool>,
+    hv_on: Option<bool>,
+    at: Instant,
+}
+
+/// The chiller as last published.
+#[derive(Debug, Clone, Default)]
+struct Chiller {
+    setpoints: [Option<f64>; 3],
+    used_setpoint: Option<u8>,
+    at: Option<Instant>,
+}
+
+/// The commanded services' state.
+#[derive(Debug)]
+pub struct Plant {
+    caen: String,
+    chiller_name: String,
+    max_age: Duration,
+    channels: BTreeMap<String, Channel>,
+    chiller: Chiller,
+    caen_offline: bool,
+    chiller_offline: bool,
+}
+
+/// A yes/no the interlock may not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// Known true.
+    Yes,
+    /// Known false.
+    No,
+    /// Stale, offline, or never published.
+    Unknown,
+}
+
+impl Plant {
+    /// A plant view for the CAEN FSM `caen` and chiller driver `chiller`.
+    pub fn new(caen: &str, chiller: &str, max_age: Duration) -> Self {
+        Plant {
+            caen: caen.into(),
+            chiller_name: chiller.into(),
+            max_age,
+            channels: BTreeMap::new(),
+            chiller: Chiller::default(),
+            caen_offline: false,
+            chiller_offline: false,
+        }
+    }
+
+    /// The topics to subscribe to.
+    pub fn filters(&self) -> [String; 4] {
+        [
+            format!("{}/channels/+", self.caen),
+            format!("{}/status", self.chiller_name),
+            format!("{}/reply", self.caen),
+            format!("{}/reply", self.chiller_name),
+        ]
+    }
+
+    /// Takes a message if it is a status of a target; `true` if it was one.
+    pub fn ingest(&mut self, topic: &str, payload: &[u8], now: Instant) -> bool {
+        if topic == format!("{}/online", self.caen) {
+            self.caen_offline = payload == b"false";
+            return true;
+        }
+        if topic == format!("{}/online", self.chiller_name) {
+            self.chiller_offline = payload == b"false";
+            return true;
+        }
+        if let Some(id) = topic
+            .strip_prefix(self.caen.as_str())
+            .and_then(|t| t.strip_prefix("/channels/"))
+        {
+            if id.is_empty() || id.contains('/') {
+                return false;
+            }
+            let Ok(doc) = serde_json::from_slice::<Json>(payload) else {
+                // Unreadable: forget it, so the channel ages out instead of looking fine.
+                self.channels.remove(id);
+                return true;
+            };
+            let on = |k: &str| doc.get(k).and_then(Json::as_i64).map(|s| s & 1 == 1);
+            let active = doc
+                .get("module")
+                .and_then(Json::as_str)
+                .is_some_and(|m| !m.is_empty());
+            self.channels.insert(
+                id.to_string(),
+                Channel {
+                    active,
+                    lv_on: on("lv_status"),
+                    hv_on: on("hv_status"),
+                    at: now,
+                },
+            );
+            return true;
+        }
+        if topic == format!("{}/status", self.chiller_name) {
+            let doc = serde_json::from_slice::<Json>(payload).unwrap_or(Json::Null);
+            let f = |k: &str| doc.get(k).and_then(Json::as_f64);
+            self.chiller = Chiller {
+                setpoints: [f("setpoint_1"), f("setpoint_2"), f("setpoint_3")],
+                used_setpoint: doc
+                    .get("used_setpoint")
+                    .and_then(Json::as_u64)
+                    .and_then(|n| u8::try_from(n).ok())
+                    .filter(|n| (1..=3).contains(n)),
+                at: doc.is_object().then_some(now),
+            };
+            return true;
+        }
+        false
+    }
+
+    fn caen_fresh(&self, now: Instant) -> bool {
+        !self.caen_offline
+            && self.channels.values().any(|c| c.active)
+            && self
+                .channels
+                .values()
+                .filter(|c| c.active)
+                .all(|c| now.saturating_duration_since(c.at) <= self.max_age)
+    }
+
+    fn any_active(&self, now: Instant, on: impl Fn(&Channel) -> Option<bool>) -> Known {
+        if !self.caen_fresh(now) {
+            return Known::Unknown;
+        }
+        let mut unknown = false;
+        for c in self.channels.values().filter(|c| c.active) {
+            match on(c) {
+                Some(true) => return Known::Yes,
+                Some(false) => {}
+                None => unknown = true,
+            }
+        }
+        if unknown {
+            Known::Unknown
+        } else {
+            Known::No
+        }
+    }
+
+    /// Whether LV is on on any commanded channel.
+    pub fn any_lv_on(&self, now: Instant) -> Known {
+        self.any_active(now, |c| c.lv_on)
+    }
+
+    /// Whether HV is on on any commanded channel.
+    pub fn any_hv_on(&self, now: Instant) -> Known {
+        self.any_active(now, |c| c.hv_on)
+    }
+
+    /// The chiller's set-point in use (1..3) and its temperature, if known and fresh.
+    pub fn chiller_setpoint(&self, now: Instant) -> Option<(u8, f64)> {
+        let at = self.chiller.at?;
+        if self.chiller_offline || now.saturating_duration_since(at) > self.max_age {
+            return None;
+        }
+        let n = self.chiller.used_setpoint?;
+        Some((n, self.chiller.setpoints[usize::from(n - 1)]?))
+    }
+
+    /// The CAEN FSM's MQTT name.
+    pub fn caen(&self) -> &str {
+        &self.caen
+    }
+
+    /// The chiller driver's MQTT name.
+    pub fn chiller(&self) -> &str {
+        &self.chiller_name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lv_and_hv_from_the_status_words_of_active_channels() {
+        let t0 = Instant::now();
+        let mut p = Plant::new("dcs", "julabo", Duration::from_secs(30));
+        assert_eq!(p.any_lv_on(t0), Known::Unknown);
+        p.ingest(
+            "dcs/channels/0",
+            br#"{"module":"m0","lv_status":1,"hv_status":5}"#,
+            t0,
+        );
+        // Inactive channels are not commanded and do not count.
+        p.ingest(
+            "dcs/channels/2",
+            br#"{"module":null,"lv_status":0,"hv_status":0}"#,
+            t0,
+        );
+        assert_eq!(p.any_lv_on(t0), Known::Yes);
+        assert_eq!(p.any_hv_on(t0), Known::Yes);
+        p.ingest(
+            "dcs/channels/0",
+            br#"{"module":"m0","lv_status":0,"hv_status":0}"#,
+            t0,
+        );
+        assert_eq!(p.any_lv_on(t0), Known::No);
+        assert_eq!(p.any_lv_on(t0 + Duration::from_secs(31)), Known::Unknown);
+        p.ingest(
+            "dcs/channels/0",
+            br#"{"module":"m0","lv_status":null,"hv_status":0}"#,
+            t0,
+        );
+        assert_eq!(p.any_lv_on(t0), Known::Unknown);
+        p.ingest("dcs/online", b"false", t0);
+        assert_eq!(p.any_hv_on(t0), Known::Unknown);
+    }
+
+    #[test]
+    fn chiller_setpoint_in_use() {
+        let t0 = Instant::now();
+        let mut p = Plant::new("dcs", "julabo", Duration::from_secs(30));
+        p.ingest(
+            "julabo/status",
+            br#"{"setpoint_1":-20.0,"setpoint_2":15.0,"setpoint_3":null,"used_setpoint":2}"#,
+            t0,
+        );
+        assert_eq!(p.chiller_setpoint(t0), Some((2, 15.0)));
+        assert_eq!(p.chiller_setpoint(t0 + Duration::from_secs(31)), None);
+        p.ingest("julabo/status", b"garbage", t0);
+        assert_eq!(p.chiller_setpoint(t0), None);
+    }
+}
