@@ -306,6 +306,9 @@ pub struct Safety {
     pub hv_safe_voltage: f64,
     /// How long an LV-off waits for the HV to ramp down before giving up (LV left on).
     pub hv_off_timeout_secs: f64,
+    /// The interlock's MQTT name: LV on is refused unless `<interlock>/permits` allows
+    /// it. Unset: no interlock is consulted.
+    pub interlock: Option<String>,
 }
 
 impl Default for Safety {
@@ -313,6 +316,7 @@ impl Default for Safety {
         Safety {
             hv_safe_voltage: 5.0,
             hv_off_timeout_secs: 120.0,
+            interlock: None,
         }
     }
 }

@@ -3,13 +3,15 @@
 //!
 //! Layers, from the wire up: [`pv`] (names and parameters), [`ca`] (Channel Access
 //! behind the [`ca::ChannelAccess`] trait), [`plant`] (readings and JSON, no I/O),
-//! [`fsm`] (the state rules, pure), [`commands`] (MQTT commands, parsed), and
+//! [`fsm`] (the state rules, pure), [`commands`] (MQTT commands, parsed), [`permit`]
+//! (the interlock's say on LV on), and
 //! [`service`] (the task that ties them together with the safety rules).
 
 pub mod ca;
 pub mod commands;
 pub mod config;
 pub mod fsm;
+pub mod permit;
 pub mod plant;
 pub mod pv;
 pub mod service;

@@ -21,6 +21,7 @@ use crate::ca::{CaEvent, ChannelAccess, PutError, PutValue, Watch};
 use crate::commands::CaenCommand;
 use crate::config::CaenConfig;
 use crate::fsm::ChannelState;
+use crate::permit::Permit;
 use crate::plant::{Change, Plant};
 use crate::pv::{self, Param, Side};
 
@@ -50,6 +51,8 @@ pub struct Fsm<C: ChannelAccess> {
     events_rx: mpsc::UnboundedReceiver<CaEvent>,
     sequences: Vec<Sequence>,
     dropped_updates: u64,
+    /// The interlock's say on LV on.
+    pub permit: Permit,
 }
 
 type Outcome = Result<(), String>;
@@ -58,6 +61,7 @@ impl<C: ChannelAccess> Fsm<C> {
     /// Builds the plant of `cfg` and starts watching its PVs.
     pub fn new(cfg: CaenConfig, config_path: Option<PathBuf>, ca: Arc<C>) -> Self {
         let (events, events_rx) = mpsc::unbounded_channel();
+        let permit = Permit::new(cfg.safety.interlock.as_deref());
         let mut fsm = Fsm {
             plant: Plant::new(
                 &cfg.prefix,
@@ -72,6 +76,7 @@ impl<C: ChannelAccess> Fsm<C> {
             events_rx,
             sequences: Vec::new(),
             dropped_updates: 0,
+            permit,
         };
         fsm.start_watches();
         fsm
@@ -360,6 +365,11 @@ impl<C: ChannelAccess> Fsm<C> {
                 }
             }
             (Side::Lv, false) => return self.lv_off(targets, msg).await,
+            (Side::Lv, true) => {
+                if let Err(e) = self.permit.check_lv_on() {
+                    return Some(Err(e));
+                }
+            }
             _ => {}
         }
         let writes = targets
@@ -646,7 +656,11 @@ pub async fn run<C: ChannelAccess>(
     let name = cfg.name.clone();
     let refresh = cfg.timing.refresh_secs;
     let mut fsm = Fsm::new(cfg, config_path, ca);
-    let options = SessionOptions::new(&name).subscribe(&format!("{name}/cmd/#"), QoS::AtLeastOnce);
+    let mut options =
+        SessionOptions::new(&name).subscribe(&format!("{name}/cmd/#"), QoS::AtLeastOnce);
+    for f in fsm.permit.filters() {
+        options = options.subscribe(&f, QoS::AtLeastOnce);
+    }
     let (session, mut mqtt_events) = Session::start(&mqtt, options)?;
     fsm.publish(&session, true);
 
@@ -689,6 +703,9 @@ pub async fn run<C: ChannelAccess>(
             ev = mqtt_events.recv() => match ev {
                 None => break,
                 Some(SessionEvent::Message(msg)) => {
+                    if fsm.permit.ingest(&msg.topic, &msg.payload) {
+                        continue;
+                    }
                     let Some(parsed) = command::parse::<CaenCommand>(&name, &msg) else { continue };
                     let outcome = match parsed {
                         Err(e) => Some(Err(e.to_string())),

@@ -125,6 +125,32 @@ pub const JULABO_SIM: Component = Component {
     },
 };
 
+/// The safety interlock.
+pub const INTERLOCK: Component = Component {
+    name: "interlock",
+    kind: Kind::Service,
+    check: |_, file| load::<interlock::InterlockConfig>("interlock", file).map(drop),
+    run: |stack, file, shutdown| {
+        Box::pin(async move {
+            let cfg = load::<interlock::InterlockConfig>("interlock", file.as_deref())?;
+            interlock::service::run(cfg, stack.mqtt, shutdown).await
+        })
+    },
+};
+
+/// The environmental sensor boards (MQTT publishers).
+pub const ENV_SIM: Component = Component {
+    name: "env-sim",
+    kind: Kind::Simulator,
+    check: |_, file| load::<env_sim::EnvSimConfig>("env-sim", file).map(drop),
+    run: |stack, file, shutdown| {
+        Box::pin(async move {
+            let cfg = load::<env_sim::EnvSimConfig>("env-sim", file.as_deref())?;
+            env_sim::run(cfg, stack.mqtt, shutdown).await
+        })
+    },
+};
+
 /// The MQTT to InfluxDB forwarder.
 pub const TELEMETRY: Component = Component {
     name: "telemetry",

@@ -56,8 +56,10 @@ pub static COMPONENTS: &[Component] = &[
     crate::components::CAEN,
     crate::components::JULABO,
     crate::components::TELEMETRY,
+    crate::components::INTERLOCK,
     crate::components::CAEN_SIM,
     crate::components::JULABO_SIM,
+    crate::components::ENV_SIM,
 ];
 
 /// The registered component called `name`, if it is of `kind`.

@@ -318,7 +318,7 @@ impl Interlock {
                     state = r.alarm.state(),
                     "alarm condition back to normal"
                 );
-                r.escalation.stop();
+                r.escalation.stop(&self.plant, now);
             }
             let (commands, logged) = r.escalation.step(&self.plant, now, wall);
             for c in &commands {

@@ -124,11 +124,18 @@ impl Escalation {
     }
 
     /// The condition is normal again: actions not yet taken are dropped (what was done
-    /// is not undone; an operator restores power).
-    pub fn stop(&mut self) {
-        if self.pending.take().is_some() {
+    /// is not undone; an operator restores power). An outstanding action that took
+    /// effect (often the very reason the condition cleared) is recorded as confirmed.
+    pub fn stop(&mut self, plant: &Plant, now: Instant) {
+        if let Some(p) = self.pending.take() {
+            let step = &self.steps[self.next];
             if let Some(r) = self.log.last_mut() {
-                r.result = "abandoned: the condition cleared".into();
+                r.result = if done(step, plant, now) {
+                    let waited = now.saturating_duration_since(p.sent);
+                    format!("confirmed after {:.1} s", waited.as_secs_f64())
+                } else {
+                    "abandoned: the condition cleared".into()
+                };
             }
         }
         self.started = None;
@@ -335,8 +342,14 @@ mod tests {
         let later = t0 + Duration::from_secs(30);
         let (out, _) = e.step(&plant(later, 1, 0, 25.0), later, w);
         assert_eq!(out[0].topic, "dcs/cmd/switch/lv", "HV already off");
-        e.stop();
+        e.stop(&plant(later, 1, 0, 25.0), later);
         assert!(e.log[2].result.starts_with("abandoned"));
+        // Started again; HV off goes out and has taken effect when the condition clears.
+        e.start(t0);
+        let (out, _) = e.step(&plant(later, 1, 1, 25.0), later, w);
+        assert_eq!(out[0].topic, "dcs/cmd/switch/hv");
+        e.stop(&plant(later, 1, 0, 25.0), later);
+        assert!(e.log[1].result.starts_with("confirmed"), "{:?}", e.log);
         assert!(!e.running());
     }
 }

@@ -173,7 +173,7 @@ impl Inputs {
                 continue;
             }
             let value = match &input.field {
-                None => bare(payload),
+                None => bare(payload).map(Some),
                 Some(field) => {
                     let doc = json.get_or_insert_with(|| {
                         serde_json::from_slice::<Json>(payload)
@@ -186,7 +186,10 @@ impl Inputs {
                 }
             };
             match value {
-                Ok(value) => {
+                // The publisher says it does not know (a chiller not yet read, or
+                // disconnected): nothing new. The last value ages as it would.
+                Ok(None) => {}
+                Ok(Some(value)) => {
                     input
                         .series
                         .insert(topic.to_string(), Sample { value, at: now });
@@ -285,16 +288,15 @@ fn bare(payload: &[u8]) -> Result<Value, String> {
     }
 }
 
-fn field_value(doc: &Json, field: &str) -> Result<Value, String> {
+fn field_value(doc: &Json, field: &str) -> Result<Option<Value>, String> {
     match doc.get(field) {
         Some(Json::Number(n)) => n
             .as_f64()
             .filter(|v| v.is_finite())
-            .map(Value::Number)
+            .map(|v| Some(Value::Number(v)))
             .ok_or_else(|| format!("`{field}` is not a finite number")),
-        Some(Json::Bool(b)) => Ok(Value::Bool(*b)),
-        // The publisher says it does not know (e.g. the chiller is disconnected).
-        Some(Json::Null) => Err(format!("`{field}` is null")),
+        Some(Json::Bool(b)) => Ok(Some(Value::Bool(*b))),
+        Some(Json::Null) => Ok(None),
         Some(other) => Err(format!("`{field}` is not a number or boolean: {other}")),
         None => Err(format!("no `{field}` in the payload")),
     }
@@ -375,11 +377,27 @@ dew: {topic: "+/sensors/BME/dew", max_age_secs: 5}
         s.set_online("ESP01", true);
         assert!(s.read(dew, t1).untrusted.is_empty());
 
+        // null is "not known": no new value, the old one ages.
         let bath = s.index("bath").unwrap();
-        s.ingest("julabo/status", br#"{"internal_temp": null}"#, t1);
-        assert!(s.read(bath, t1).untrusted[0].why.contains("is null"));
+        let t2 = t0 + Duration::from_secs(11);
+        assert!(s.read(bath, t2).untrusted[0]
+            .why
+            .contains("no value on julabo/status"));
+        s.ingest(
+            "julabo/status",
+            br#"{"internal_temp": 4.0, "running": true}"#,
+            t0,
+        );
+        let got = s.ingest(
+            "julabo/status",
+            br#"{"internal_temp": null, "running": null}"#,
+            t1,
+        );
+        assert_eq!(got, Ingested::default());
+        assert!(s.read(bath, t1).fresh.len() == 1);
+        assert!(s.read(bath, t2).untrusted[0].why.contains("stale"));
         s.ingest("julabo/status", b"{garbage", t1);
         assert!(s.read(bath, t1).untrusted[0].why.contains("not JSON"));
-        assert_eq!(s.malformed_total(), 5);
+        assert_eq!(s.malformed_total(), 3);
     }
 }

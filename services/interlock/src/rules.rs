@@ -85,8 +85,12 @@ pub fn evaluate(rule: &RuleConfig, inputs: &Inputs, plant: &Plant, now: Instant)
                 values.insert("dew_point_topic".into(), json!(t));
             }
             let margin = rule.margin.unwrap_or(0.0);
-            let untrusted: Vec<Untrusted> =
-                cold.untrusted.iter().chain(&dew.untrusted).cloned().collect();
+            let untrusted: Vec<Untrusted> = cold
+                .untrusted
+                .iter()
+                .chain(&dew.untrusted)
+                .cloned()
+                .collect();
             match (coldest, wettest) {
                 _ if !untrusted.is_empty() => Condition::Unsafe(untrusted_message(&untrusted)),
                 (Some((ct, c)), Some((dt, d))) => {
