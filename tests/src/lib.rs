@@ -440,6 +440,15 @@ impl Observer {
         }
     }
 
+    /// Forgets what arrived on `topic` so far, so that the next wait sees only what
+    /// comes after a command (a status or reply topic repeats the same content).
+    pub fn discard(&mut self, topic: &str) {
+        while let Ok(g) = self.rx.try_recv() {
+            self.pending.push_back(g);
+        }
+        self.pending.retain(|g| g.topic != topic);
+    }
+
     /// Publishes at QoS 1.
     pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) {
         self.client

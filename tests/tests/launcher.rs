@@ -27,7 +27,9 @@ fn shipped_config_checks_ok() {
     let (code, text) = check(&repo_root().join("deploy/dcs.yaml"));
     assert_eq!(code, 0, "{text}");
     assert!(
-        text.contains("OK (broker, caen-sim, julabo-sim, caen-fsm, julabo, telemetry)"),
+        text.contains(
+            "OK (broker, caen-sim, env-sim, julabo-sim, caen-fsm, interlock, julabo, telemetry)"
+        ),
         "{text}"
     );
 }
@@ -88,11 +90,9 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
         .unwrap()
         .replace("poll_interval_secs: 5", "poll_interval_secs: 1");
     std::fs::write(dir.path().join("julabo.yaml"), drv_cfg).unwrap();
-    std::fs::copy(
-        deploy.join("telemetry.yaml"),
-        dir.path().join("telemetry.yaml"),
-    )
-    .unwrap();
+    for f in ["telemetry.yaml", "interlock.yaml", "env-sim.yaml"] {
+        std::fs::copy(deploy.join(f), dir.path().join(f)).unwrap();
+    }
     let (ca_port, beacon_port) = (free_port(), free_port());
     let caen_cfg = std::fs::read_to_string(deploy.join("caen.yaml"))
         .unwrap()
@@ -104,8 +104,9 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
         None,
         None,
         "services: {caen-fsm: {config: caen.yaml}, julabo: {config: julabo.yaml}, \
-         telemetry: {config: telemetry.yaml}}\n\
-         simulators: {caen-sim: {config: caen.yaml}, julabo-sim: {config: julabo-sim.yaml}}\n",
+         telemetry: {config: telemetry.yaml}, interlock: {config: interlock.yaml}}\n\
+         simulators: {caen-sim: {config: caen.yaml}, julabo-sim: {config: julabo-sim.yaml}, \
+         env-sim: {config: env-sim.yaml}}\n",
     );
     let mut cmd = Command::new(bin("dcs"));
     cmd.args(["up", "--simulate", "--config"])
@@ -128,6 +129,8 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
             "dcs-launcher/status",
             "telemetry/stats",
             "dcs/status",
+            "interlock/status",
+            "interlock/permits",
         ],
     )
     .await;
@@ -152,11 +155,23 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
         });
     let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
     assert_eq!(v["status_code"], 2);
-    // The launcher publishes as components start: wait for the one listing all six.
-    const ALL: [&str; 6] = [
+    // The interlock sees the simulated sensor boards and chiller: every rule known and
+    // normal, and LV refused until the chiller circulates.
+    o.wait_for("interlock/status", WAIT, |p| p.contains("\"state\":\"OK\""))
+        .await
+        .unwrap_or_else(|| panic!("interlock never OK; launcher said:\n{}", up.stderr_text()));
+    o.wait_for("interlock/permits", WAIT, |p| {
+        p.contains("\"lv_on\":false") && p.contains("cooling required")
+    })
+    .await
+    .expect("LV refused while the chiller is stopped");
+    // The launcher publishes as components start: wait for the one listing them all.
+    const ALL: [&str; 8] = [
         "broker",
         "caen-fsm",
         "caen-sim",
+        "env-sim",
+        "interlock",
         "julabo",
         "julabo-sim",
         "telemetry",
