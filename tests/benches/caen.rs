@@ -10,23 +10,9 @@
 use std::time::{Duration, Instant};
 
 use dcs_integration_tests::caen::{config, start_fsm, Ca, CaPorts, CaenSim, TestChannel};
-use dcs_integration_tests::{Broker, BrokerKind, Observer};
+use dcs_integration_tests::{cpu_seconds, pct, Broker, BrokerKind, Observer};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn cpu_seconds(pid: u32) -> f64 {
-    // utime + stime, fields 14 and 15 of /proc/<pid>/stat, in clock ticks (100 Hz).
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
 
 struct Rig {
     _dir: tempfile::TempDir,

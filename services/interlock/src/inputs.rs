@@ -218,15 +218,15 @@ impl Inputs {
                 .as_deref()
                 .unwrap_or_else(|| topic.split('/').next().unwrap_or(topic));
             let age = now.saturating_duration_since(s.at);
-            let what = format!("{} ({topic})", input.name);
+            let what = || format!("{} ({topic})", input.name);
             if self.is_offline(source) {
                 r.untrusted.push(Untrusted {
-                    what,
+                    what: what(),
                     why: format!("{source} is offline ({source}/online = false)"),
                 });
             } else if age > input.max_age {
                 r.untrusted.push(Untrusted {
-                    what,
+                    what: what(),
                     why: format!(
                         "stale: last value {:.0} s ago (max_age_secs {})",
                         age.as_secs_f64(),
@@ -235,7 +235,7 @@ impl Inputs {
                 });
             } else if let Some(why) = input.malformed.get(topic) {
                 r.untrusted.push(Untrusted {
-                    what,
+                    what: what(),
                     why: format!("last payload unreadable: {why}"),
                 });
             } else {
