@@ -44,13 +44,19 @@ rules:
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let broker = Broker::start(BrokerKind::Dcs);
+    // BENCH_BROKER=mosquitto runs the same against Debian's Mosquitto.
+    let kind = match std::env::var("BENCH_BROKER").as_deref() {
+        Ok("mosquitto") => BrokerKind::Mosquitto,
+        _ => BrokerKind::Dcs,
+    };
+    let broker = Broker::start(kind);
+    println!("broker: {kind:?}");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("interlock.yaml");
     std::fs::write(&file, rules(broker.port)).unwrap();
     let mut cmd = Command::new(bin("interlock"));
-    cmd.arg("--config").arg(&file).env("RUST_LOG", "warn");
-    let il = spawn_until(cmd, "", WAIT);
+    cmd.arg("--config").arg(&file);
+    let il = spawn_until(cmd, "connected to the broker", WAIT);
     let pid = il.child.id();
     let mut obs = Observer::connect(
         broker.port,
@@ -63,6 +69,8 @@ async fn main() {
         .await
         .expect("interlock up");
     obs.publish("bench/bath", "20.0").await;
+    // The sensor board: a client of its own, as in the lab.
+    let board = Observer::connect(broker.port, "board", &[]).await;
 
     // Reaction time.
     let rounds = 200;
@@ -81,7 +89,7 @@ async fn main() {
         }
         obs.discard("dcs/cmd/switch/hv");
         let t0 = Instant::now();
-        obs.publish("ESP001/sensors/BME/dew", "18.0").await;
+        board.publish("ESP001/sensors/BME/dew", "18.0").await;
         obs.next_on("dcs/cmd/switch/hv", WAIT)
             .await
             .expect("HV off command");
