@@ -72,8 +72,8 @@ impl Validate for EnvSimConfig {
         {
             return err("boards", "board names are MQTT topic levels (no / + #)");
         }
-        if !(self.interval_secs.is_finite() && self.interval_secs >= 0.001) {
-            return err("interval_secs", "must be >= 0.001");
+        if !(self.interval_secs.is_finite() && (0.001..=86400.0).contains(&self.interval_secs)) {
+            return err("interval_secs", "must be 0.001 .. 86400");
         }
         if !(0.0..=100.0).contains(&self.humi) {
             return err("humi", "must be 0 .. 100 %");

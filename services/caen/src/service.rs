@@ -556,6 +556,13 @@ impl<C: ChannelAccess> Fsm<C> {
         if cfg.ca.addr_list != self.cfg.ca.addr_list {
             return Err("config not reloaded: `ca.addr_list` changed: restart the service".into());
         }
+        if cfg.safety.interlock != self.cfg.safety.interlock {
+            // Its topics are subscribed at start; switching the interlock off by a reload
+            // would also be too easy.
+            return Err(
+                "config not reloaded: `safety.interlock` changed: restart the service".into(),
+            );
+        }
         tracing::info!(file = %path.display(), channels = cfg.channels.len(), "config reloaded");
         self.rebuild(cfg);
         Ok(())

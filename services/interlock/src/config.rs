@@ -282,6 +282,15 @@ fn finite_nonneg(v: f64) -> bool {
     v.is_finite() && v >= 0.0
 }
 
+/// Longest duration accepted anywhere (a year): beyond, a typo, and an instant that far
+/// ahead would overflow.
+const MAX_SECS: f64 = 365.0 * 86400.0;
+
+/// A duration in seconds: finite, `> 0` (or `>= 0` when `zero_ok`), at most a year.
+fn secs_ok(v: f64, zero_ok: bool) -> bool {
+    v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) && v <= MAX_SECS
+}
+
 impl Validate for InterlockConfig {
     fn validate(&self) -> Result<(), (String, String)> {
         let err = |k: String, m: String| Err((k, m));
@@ -304,22 +313,28 @@ impl Validate for InterlockConfig {
                 );
             }
         }
-        if !(self.targets.max_age_secs.is_finite() && self.targets.max_age_secs > 0.0) {
-            return err("targets.max_age_secs".into(), "must be > 0".into());
+        if !secs_ok(self.targets.max_age_secs, false) {
+            return err(
+                "targets.max_age_secs".into(),
+                "must be > 0 and at most a year".into(),
+            );
         }
         if self.timing.evaluate_ms == 0 || self.timing.evaluate_ms > 10_000 {
             return err("timing.evaluate_ms".into(), "must be 1 .. 10000".into());
         }
-        if !(self.timing.republish_secs.is_finite() && self.timing.republish_secs >= 1.0) {
-            return err("timing.republish_secs".into(), "must be >= 1".into());
+        if !(secs_ok(self.timing.republish_secs, false) && self.timing.republish_secs >= 1.0) {
+            return err(
+                "timing.republish_secs".into(),
+                "must be >= 1 and at most a year".into(),
+            );
         }
         for (name, input) in &self.inputs {
             let k = |f: &str| format!("inputs.{name}.{f}");
             topic::check_filter(&input.topic).or_else(|m| err(k("topic"), m))?;
-            if !(input.max_age_secs.is_finite() && input.max_age_secs > 0.0) {
+            if !secs_ok(input.max_age_secs, false) {
                 return err(
                     k("max_age_secs"),
-                    "must be > 0 (stale data counts as unsafe)".into(),
+                    "must be > 0 and at most a year (stale data counts as unsafe)".into(),
                 );
             }
             if input.field.as_deref() == Some("") {
@@ -426,11 +441,11 @@ fn check_rule(name: &str, r: &RuleConfig, cfg: &InterlockConfig) -> Result<(), (
     if !finite_nonneg(r.hysteresis) {
         return err(k("hysteresis"), "must be >= 0");
     }
-    if !finite_nonneg(r.hold_secs) {
-        return err(k("hold_secs"), "must be >= 0");
+    if !secs_ok(r.hold_secs, true) {
+        return err(k("hold_secs"), "must be 0 .. one year");
     }
-    if !(r.confirm_timeout_secs.is_finite() && r.confirm_timeout_secs > 0.0) {
-        return err(k("confirm_timeout_secs"), "must be > 0");
+    if !secs_ok(r.confirm_timeout_secs, false) {
+        return err(k("confirm_timeout_secs"), "must be > 0 and at most a year");
     }
     if r.kind == RuleKind::CoolingRequired && !r.actions.is_empty() {
         return err(
@@ -441,8 +456,8 @@ fn check_rule(name: &str, r: &RuleConfig, cfg: &InterlockConfig) -> Result<(), (
     let mut last_after = 0.0;
     for (i, a) in r.actions.iter().enumerate() {
         let ka = |f: &str| format!("rules.{name}.actions[{i}].{f}");
-        if !finite_nonneg(a.after_secs) {
-            return err(ka("after_secs"), "must be >= 0");
+        if !secs_ok(a.after_secs, true) {
+            return err(ka("after_secs"), "must be 0 .. one year");
         }
         if a.after_secs < last_after {
             return err(
@@ -545,6 +560,11 @@ rules:
                 GOOD.replace("max_age_secs: 60", "max_age_secs: 0"),
                 "inputs.dew.max_age_secs",
                 "must be > 0",
+            ),
+            (
+                GOOD.replace("after_secs: 30}", "after_secs: 1e30}"),
+                "rules.dew_point.actions[1].after_secs",
+                "one year",
             ),
             (
                 GOOD.replace(
