@@ -73,6 +73,30 @@ async fn every_shipped_mapping_reaches_influxdb_with_exact_types() {
                 r#"{{"event": "start", "run_id": "r-12", "calibration": "pedenoise", "run_number": 12, "time": {run_time}}}"#
             ),
         ),
+        // As the interlock publishes them (services/interlock/src/engine.rs).
+        (
+            "alarms/dew_point",
+            format!(
+                r#"{{"rule": "dew_point", "severity": "critical", "state": "active", "condition": "unsafe",
+                    "message": "coldest 10.00 degC (julabo/status) is 2.00 above the dew point 8.00 degC (ESP01/sensors/BME/dew), less than the margin 3",
+                    "first_seen": "2025-11-22T08:26:40.123456789Z", "last_seen": "2025-11-22T08:26:40.123456789Z",
+                    "first_seen_ns": {run_time}, "acknowledged_by": null, "acknowledged_at": null,
+                    "values": {{"coldest": 10.0, "coldest_topic": "julabo/status", "dew_point": 8.0, "dew_point_topic": "ESP01/sensors/BME/dew", "gap": 2.0}},
+                    "time": {run_time}, "action": "chiller_setpoint: pending",
+                    "actions": [{{"do": "chiller_setpoint", "command": "julabo/cmd/setWT {{\"setpoint\":1,\"temp\":20.0}}", "at": "2025-11-22T08:26:40.123456789Z", "result": "pending"}}]}}"#
+            ),
+        ),
+        (
+            "alarms/summary",
+            format!(
+                r#"{{"active": 1, "acknowledged": 0, "cleared": 2, "worst": "critical",
+                    "rules": {{"cooling": "cleared", "dew_point": "active", "over_temperature": "cleared"}}, "time": {run_time}}}"#
+            ),
+        ),
+        (
+            "interlock/permits",
+            format!(r#"{{"lv_on": false, "reasons": ["dew_point: coldest 10.00 degC"], "time": {run_time}}}"#),
+        ),
     ];
     for (topic, payload) in &msgs {
         obs.publish(topic, payload.clone()).await;
@@ -143,6 +167,27 @@ async fn every_shipped_mapping_reaches_influxdb_with_exact_types() {
     assert_eq!(rows[0]["time"], run_time, "payload time, to the nanosecond");
     assert_eq!(rows[0]["run_id"], "r-12");
     assert_eq!(rows[0]["event"], "start");
+
+    // Interlock alarms at the instant of the transition, tagged by rule.
+    let rows = influx.rows("SELECT * FROM alarms");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["time"], run_time);
+    assert_eq!(rows[0]["rule"], "dew_point");
+    assert_eq!(rows[0]["state"], "active");
+    assert_eq!(rows[0]["values_dew_point"], 8.0);
+    assert_eq!(rows[0]["actions_0_do"], "chiller_setpoint");
+    let t = types(&influx, "alarms");
+    assert_eq!(t["first_seen_ns"], "integer");
+    assert_eq!(t["severity"], "string");
+    assert!(!t.contains_key("rule"), "the rule is the tag: {t:?}");
+    let rows = influx.rows("SELECT * FROM alarm_summary");
+    assert_eq!(rows[0]["active"], 1);
+    assert_eq!(rows[0]["rules_dew_point"], "active");
+    assert_eq!(types(&influx, "alarm_summary")["active"], "integer");
+    let rows = influx.rows("SELECT * FROM interlock");
+    assert_eq!(rows[0]["topic"], "permits");
+    assert_eq!(rows[0]["lv_on"], false);
+    assert_eq!(types(&influx, "interlock")["lv_on"], "boolean");
 
     // Self-metrics reach the database too.
     let rows = influx.wait_rows("SELECT * FROM telemetry_stats", WAIT, |r| !r.is_empty());
