@@ -64,3 +64,45 @@ fn a_taken_port_is_a_clear_error() {
     );
     assert!(err.contains("in use"), "{err}");
 }
+
+/// `dcs-broker --hash-user` writes the line a deployment puts in its password file
+/// (the container images have no `mosquitto_passwd`), and a broker accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_user_makes_a_password_line_the_broker_accepts() {
+    use std::io::Write as _;
+    let mut child = Command::new(bin("dcs-broker"))
+        .args(["--hash-user", "operator"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"an0ther-secret\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(line.starts_with("operator:$7$101$"), "{line}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("passwd"), &line).unwrap();
+    let port = free_port();
+    let cfg = dir.path().join("broker.yaml");
+    std::fs::write(
+        &cfg,
+        format!("listeners: {{mqtt: 127.0.0.1:{port}, mqtt5: null, websocket: null}}\nauth: {{password_file: passwd}}\n"),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("dcs-broker"));
+    cmd.arg("--config").arg(&cfg);
+    let _broker = spawn_until(cmd, "listening", Duration::from_secs(15));
+    let _ok = Observer::connect_as(port, "op", "operator", "an0ther-secret", &["x"]).await;
+    // An empty password is refused before any hashing.
+    let out = Command::new(bin("dcs-broker"))
+        .args(["--hash-user", "operator"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -20,12 +20,19 @@ struct Args {
     /// Check the config and exit.
     #[arg(long)]
     check: bool,
+    /// Print a password-file line (`USER:$7$...`, as `mosquitto_passwd` writes) for the
+    /// password read from the first line of standard input, and exit.
+    #[arg(long, value_name = "USER", conflicts_with_all = ["config", "passwd", "check"])]
+    hash_user: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     dcs_shared::logging::init("info");
     let args = Args::parse();
+    if let Some(user) = &args.hash_user {
+        return hash_user(user);
+    }
     let mut config = match &args.config {
         Some(path) => match dcs_shared::config::load::<BrokerConfig>(path) {
             Ok(c) => c,
@@ -68,5 +75,24 @@ async fn main() -> ExitCode {
     }
     let signal = signals.recv().await;
     tracing::info!(signal, "stopping broker");
+    ExitCode::SUCCESS
+}
+
+fn hash_user(user: &str) -> ExitCode {
+    if user.is_empty() || user.contains(':') {
+        eprintln!("dcs-broker: a user name is not empty and has no `:`");
+        return ExitCode::from(2);
+    }
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("dcs-broker: cannot read the password from standard input: {e}");
+        return ExitCode::from(2);
+    }
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        eprintln!("dcs-broker: empty password on standard input");
+        return ExitCode::from(2);
+    }
+    println!("{}", dcs_broker::auth::hash_entry(user, password));
     ExitCode::SUCCESS
 }
