@@ -468,6 +468,24 @@ impl Session {
         if let Ok(mut d) = inner.driver.lock() {
             *d = Some(handle);
         }
+        // Retained state that found the request queue full is retried on a timer, not
+        // only at the driver's next network event (a keep-alive away on a quiet link).
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                if inner.connected.load(Ordering::SeqCst)
+                    && inner.dirty.swap(false, Ordering::SeqCst)
+                {
+                    inner.flush_state();
+                }
+            }
+        });
         Ok((Session { inner }, events_rx))
     }
 
