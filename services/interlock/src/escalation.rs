@@ -61,6 +61,11 @@ pub struct Escalation {
     pending: Option<Pending>,
     /// The last action failed: the next is due now.
     hurry: bool,
+    /// Every action was taken and some failed: they are all tried again then, for as
+    /// long as the condition lasts (a broker or a service may be back).
+    retry_at: Option<Instant>,
+    /// Where this round of actions starts in `log`.
+    round_start: usize,
     /// What was done since the alarm was raised.
     pub log: Vec<Record>,
 }
@@ -110,6 +115,8 @@ impl Escalation {
             next: 0,
             pending: None,
             hurry: false,
+            retry_at: None,
+            round_start: 0,
             log: Vec::new(),
         }
     }
@@ -120,6 +127,8 @@ impl Escalation {
         self.next = 0;
         self.pending = None;
         self.hurry = false;
+        self.retry_at = None;
+        self.round_start = 0;
         self.log.clear();
     }
 
@@ -139,11 +148,13 @@ impl Escalation {
             }
         }
         self.started = None;
+        self.retry_at = None;
     }
 
-    /// Whether an action is outstanding or still due.
+    /// Whether an action is outstanding, still due, or to be retried.
     pub fn running(&self) -> bool {
-        self.started.is_some() && (self.pending.is_some() || self.next < self.steps.len())
+        self.started.is_some()
+            && (self.pending.is_some() || self.next < self.steps.len() || self.retry_at.is_some())
     }
 
     /// A reply from a target: a refusal of the outstanding command fails it at once.
@@ -233,12 +244,41 @@ impl Escalation {
             out.push(cmd);
             break;
         }
+        if self.next >= self.steps.len() && self.pending.is_none() && out.is_empty() {
+            match self.retry_at {
+                None if self.log[self.round_start.min(self.log.len())..]
+                    .iter()
+                    .any(|r| r.result.starts_with("failed")) =>
+                {
+                    self.retry_at = Some(now + self.timeout);
+                }
+                Some(at) if now >= at => {
+                    // Done ones are recorded as "already done" and skipped.
+                    tracing::warn!(
+                        actions = self.steps.len(),
+                        "interlock actions failed: trying them again"
+                    );
+                    self.retry_at = None;
+                    self.next = 0;
+                    self.hurry = true;
+                    // Keep the record bounded through long outages.
+                    let excess = self.log.len().saturating_sub(4 * self.steps.len());
+                    self.log.drain(..excess);
+                    self.round_start = self.log.len();
+                    return self.step(plant, now, wall);
+                }
+                _ => {}
+            }
+        }
         (out, changed)
     }
 
     /// The time at which [`Escalation::step`] has something to do without new input.
     pub fn next_deadline(&self) -> Option<Instant> {
         let started = self.started?;
+        if let Some(at) = self.retry_at {
+            return Some(at);
+        }
         if let Some(p) = &self.pending {
             return Some(p.sent + self.timeout);
         }
@@ -328,6 +368,17 @@ mod tests {
         let (out, _) = e.step(&plant(at(11), 1, 1, -20.0), at(11), w);
         assert_eq!(out[0].topic, "dcs/cmd/switch/lv");
         assert_eq!(e.log[1].result, "failed: refused: CA put failed");
+        // LV off is not confirmed either (the broker is away, say): once every action
+        // has been tried, the failed ones go out again after the timeout.
+        let p = plant(at(11), 1, 1, -20.0);
+        e.step(&p, at(21), w);
+        assert!(e.running());
+        assert!(e.step(&p, at(25), w).0.is_empty());
+        let (out, _) = e.step(&p, at(31), w);
+        assert_eq!(
+            out[0].topic, "julabo/cmd/setWT",
+            "from the first failed action"
+        );
     }
 
     #[test]
