@@ -61,11 +61,15 @@ pub enum InfluxApi {
 }
 
 impl InfluxSettings {
-    /// Applies `DCS_INFLUX_URL`, `DCS_INFLUX_PASSWORD` and `DCS_INFLUX_TOKEN` when set.
+    /// Applies `DCS_INFLUX_URL`, `DCS_INFLUX_USERNAME`, `DCS_INFLUX_PASSWORD` and
+    /// `DCS_INFLUX_TOKEN` when set.
     pub fn with_env_overrides(mut self) -> Self {
         let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
         if let Some(v) = var("DCS_INFLUX_URL") {
             self.url = v;
+        }
+        if let Some(v) = var("DCS_INFLUX_USERNAME") {
+            self.username = Some(v);
         }
         if let Some(v) = var("DCS_INFLUX_PASSWORD") {
             self.password = Some(v);

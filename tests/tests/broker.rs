@@ -99,6 +99,29 @@ async fn hash_user_makes_a_password_line_the_broker_accepts() {
     cmd.arg("--config").arg(&cfg);
     let _broker = spawn_until(cmd, "listening", Duration::from_secs(15));
     let _ok = Observer::connect_as(port, "op", "operator", "an0ther-secret", &["x"]).await;
+    // The same line given through the environment (`auth.password_env`, how the pod
+    // passes its Secret).
+    let port2 = free_port();
+    let cfg2 = dir.path().join("broker-env.yaml");
+    std::fs::write(
+        &cfg2,
+        format!("listeners: {{mqtt: 127.0.0.1:{port2}, mqtt5: null, websocket: null}}\nauth: {{password_env: TEST_PASSWD}}\n"),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("dcs-broker"));
+    cmd.arg("--config").arg(&cfg2).env("TEST_PASSWD", &line);
+    let _broker2 = spawn_until(cmd, "listening", Duration::from_secs(15));
+    let _ok = Observer::connect_as(port2, "op2", "operator", "an0ther-secret", &["x"]).await;
+    let out = Command::new(bin("dcs-broker"))
+        .arg("--config")
+        .arg(&cfg2)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("TEST_PASSWD is not set"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // An empty password is refused before any hashing.
     let out = Command::new(bin("dcs-broker"))
         .args(["--hash-user", "operator"])

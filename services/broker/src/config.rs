@@ -100,6 +100,10 @@ pub struct AuthConfig {
     /// `$6$` salted SHA-512); relative paths are relative to the config file.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// Instead of a file: the name of an environment variable holding the file's
+    /// content (a Kubernetes/podman Secret passed with `secretKeyRef`).
+    #[serde(default)]
+    pub password_env: Option<String>,
 }
 
 /// Bounds on what the broker holds.
@@ -182,14 +186,27 @@ impl Validate for BrokerConfig {
                 ));
             }
         }
-        if !self.auth.allow_anonymous && self.auth.password_file.is_none() {
+        if self.auth.password_file.is_some() && self.auth.password_env.is_some() {
+            return err(
+                "auth.password_env",
+                "give either password_file or password_env, not both",
+            );
+        }
+        if self.auth.password_env.as_deref() == Some("") {
+            return err(
+                "auth.password_env",
+                "names an environment variable: not empty",
+            );
+        }
+        let has_users = self.auth.password_file.is_some() || self.auth.password_env.is_some();
+        if !self.auth.allow_anonymous && !has_users {
             return err(
                 "auth",
                 "no password_file and allow_anonymous is false: nobody could connect \
                  (create users with `mosquitto_passwd -c FILE USER`)",
             );
         }
-        if self.auth.allow_anonymous && self.auth.password_file.is_some() {
+        if self.auth.allow_anonymous && has_users {
             return err(
                 "auth.allow_anonymous",
                 "rumqttd cannot mix anonymous and password logins: with a password_file, \

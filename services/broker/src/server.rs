@@ -26,8 +26,23 @@ pub struct RunningBroker {
 /// `config_file` anchors relative paths (the password file). Must be called from within
 /// a tokio runtime (the meters reporter is a task on it).
 pub fn start(config: &BrokerConfig, config_file: Option<&Path>) -> anyhow::Result<RunningBroker> {
-    let users = match &config.auth.password_file {
-        Some(p) => {
+    let users = match (&config.auth.password_file, &config.auth.password_env) {
+        (_, Some(var)) => {
+            let text = std::env::var(var).map_err(|_| {
+                anyhow::anyhow!(
+                    "auth.password_env: environment variable {var} is not set (or not UTF-8)"
+                )
+            })?;
+            let users = PasswordFile::parse(&text).map_err(|(line, m)| {
+                anyhow::anyhow!("password file in ${var}, line {line}: {m}")
+            })?;
+            if users.is_empty() {
+                bail!("password file in ${var} has no users: nobody could connect");
+            }
+            tracing::info!(env = %var, users = users.len(), "loaded MQTT users");
+            Some(Arc::new(users))
+        }
+        (Some(p), None) => {
             let path = config_file.map_or(p.clone(), |f| dcs_shared::config::relative_to(f, p));
             let users = PasswordFile::load(&path)?;
             if users.is_empty() {
@@ -39,7 +54,7 @@ pub fn start(config: &BrokerConfig, config_file: Option<&Path>) -> anyhow::Resul
             tracing::info!(file = %path.display(), users = users.len(), "loaded MQTT users");
             Some(Arc::new(users))
         }
-        None => None,
+        (None, None) => None,
     };
     if users.is_none() {
         tracing::warn!("anonymous MQTT access is allowed (auth.allow_anonymous: true)");
