@@ -1,0 +1,108 @@
+"""The pod files of deploy/pod/ against the Kubernetes schema (kubernetes-validate,
+strict: unknown fields are errors) and against the deployment rules of SPEC 8: pinned
+images, non-root, capabilities dropped, no privilege escalation, ports on 127.0.0.1,
+state in PersistentVolumeClaims, credentials only from the Secret that make-secret.sh
+writes, configs only from the generated ConfigMap."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+POD_DIR = REPO / "deploy" / "pod"
+POD_FILES = [POD_DIR / "tracker-dcs.yaml", POD_DIR / "tracker-dcs-sim.yaml"]
+VALIDATE = Path(sys.executable).with_name("kubernetes-validate")
+
+
+def validate(*files: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(VALIDATE), "--strict", "--quiet", *map(str, files)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def configmap(tmp_path: Path) -> Path:
+    out = tmp_path / "configmap.yaml"
+    out.write_text(subprocess.run([str(POD_DIR / "configmap.sh")], capture_output=True, text=True, check=True).stdout)
+    return out
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def secret_keys() -> set[str]:
+    m = re.search(r"^keys=\(([^)]*)\)", (POD_DIR / "make-secret.sh").read_text(), re.M)
+    assert m, "make-secret.sh lists its keys in keys=(...)"
+    return set(m.group(1).split())
+
+
+@pytest.mark.parametrize("path", POD_FILES, ids=lambda p: p.name)
+def test_schema_valid_for_kubernetes(path: Path, tmp_path: Path) -> None:
+    r = validate(path, configmap(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_schema_check_catches_mistakes(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((POD_DIR / "tracker-dcs-sim.yaml").read_text().replace("imagePullPolicy:", "imagePulPolicy:", 1))
+    r = validate(bad)
+    assert r.returncode != 0
+    assert "imagePulPolicy" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("path", POD_FILES, ids=lambda p: p.name)
+def test_deployment_rules(path: Path, tmp_path: Path) -> None:
+    objs = docs(path)
+    pods = [d for d in objs if d["kind"] == "Pod"]
+    assert len(pods) == 1
+    spec = pods[0]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    claims = {d["metadata"]["name"] for d in objs if d["kind"] == "PersistentVolumeClaim"}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for v in volumes.values():
+        assert set(v) & {"persistentVolumeClaim", "configMap", "emptyDir"}, f"volume {v} (no hostPath)"
+        if "persistentVolumeClaim" in v:
+            assert v["persistentVolumeClaim"]["claimName"] in claims
+    cm = docs(configmap(tmp_path))[0]
+    keys = secret_keys()
+    for c in spec["containers"]:
+        name = c["name"]
+        image = c["image"]
+        assert re.search(r":[0-9][\w.-]*$", image) and not image.endswith(":latest"), f"{name}: pinned image, got {image}"
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, name
+        assert sc["capabilities"]["drop"] == ["ALL"], name
+        assert sc.get("runAsUser", 65532) != 0, name
+        if image.startswith("localhost/tracker-dcs/"):
+            assert c["imagePullPolicy"] == "Never", name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            binary = image.split("/")[-1].split(":")[0]
+            assert (REPO / "deploy" / "containers" / binary / "Containerfile").is_file(), name
+            config = c["args"][c["args"].index("--config") + 1]
+            assert Path(config).name in cm["data"], f"{name}: {config} not in the ConfigMap"
+        for p in c.get("ports", []):
+            assert p.get("hostIP") == "127.0.0.1", f"{name}: port {p} published beyond 127.0.0.1"
+        for e in c.get("env", []):
+            assert "password" not in e.get("value", "").lower(), f"{name}: literal secret in {e}"
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["name"] == "tracker-dcs-mqtt" and ref["key"] in keys, f"{name}: {ref}"
+        for m in c.get("volumeMounts", []):
+            assert m["name"] in volumes, f"{name}: mounts unknown volume {m['name']}"
+
+
+def test_configmap_is_the_deploy_files(tmp_path: Path) -> None:
+    cm = docs(configmap(tmp_path))[0]
+    for key, text in cm["data"].items():
+        src = POD_DIR / key if key == "broker.yaml" else REPO / "deploy" / key
+        expected = "\n".join(line.rstrip() for line in src.read_text().splitlines()) + "\n"
+        assert text == expected, key
