@@ -106,3 +106,16 @@ def test_configmap_is_the_deploy_files(tmp_path: Path) -> None:
         src = POD_DIR / key if key == "broker.yaml" else REPO / "deploy" / key
         expected = "\n".join(line.rstrip() for line in src.read_text().splitlines()) + "\n"
         assert text == expected, key
+
+
+def test_systemd_unit_for_start_at_boot(tmp_path: Path) -> None:
+    """install-systemd.sh writes a unit systemd accepts, pointing at this checkout."""
+    env = {"PATH": "/usr/bin:/bin", "UNIT_DIR": str(tmp_path), "NO_ENABLE": "1", "HOME": str(tmp_path)}
+    pod = POD_DIR / "tracker-dcs-sim.yaml"
+    subprocess.run([str(POD_DIR / "install-systemd.sh"), str(pod)], env=env, check=True, capture_output=True)
+    unit = tmp_path / "tracker-dcs.service"
+    text = unit.read_text()
+    assert f"ExecStart={POD_DIR / 'play.sh'} {pod}" in text
+    assert f"ExecStop=/usr/bin/podman kube down {pod}" in text
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
