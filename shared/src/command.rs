@@ -63,6 +63,18 @@ impl Reply {
         }
     }
 
+    /// `ok` or `err` from the outcome of a command.
+    pub fn from_result<E: std::fmt::Display>(
+        topic: &str,
+        result: Result<(), E>,
+        state: impl Into<String>,
+    ) -> Self {
+        match result {
+            Ok(()) => Reply::ok(topic, state),
+            Err(e) => Reply::err(topic, e, state),
+        }
+    }
+
     /// A refusal or failure reply.
     pub fn err(topic: &str, error: impl std::fmt::Display, state: impl Into<String>) -> Self {
         Reply {

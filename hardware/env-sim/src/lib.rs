@@ -230,10 +230,7 @@ pub async fn run(
                         }
                         Ok(())
                     });
-                    let reply = match result {
-                        Ok(()) => Reply::ok(&msg.topic, "RUNNING"),
-                        Err(e) => Reply::err(&msg.topic, e, "RUNNING"),
-                    };
+                    let reply = Reply::from_result(&msg.topic, result, "RUNNING");
                     if let Err(e) = session.reply(&msg, &reply).await {
                         tracing::warn!(error = %e, "cannot send reply");
                     }

@@ -643,10 +643,7 @@ fn timeout(secs: f64) -> Duration {
 }
 
 async fn send_reply(session: &Session, msg: &Message, outcome: Outcome, state: &str) {
-    let reply = match outcome {
-        Ok(()) => Reply::ok(&msg.topic, state),
-        Err(e) => Reply::err(&msg.topic, e, state),
-    };
+    let reply = Reply::from_result(&msg.topic, outcome, state);
     if let Err(e) = session.reply(msg, &reply).await {
         tracing::warn!(error = %e, "cannot send reply");
     }

@@ -103,10 +103,7 @@ async fn reply(
     result: Result<(), String>,
     state: &str,
 ) {
-    let reply = match result {
-        Ok(()) => Reply::ok(&msg.topic, state),
-        Err(e) => Reply::err(&msg.topic, e, state),
-    };
+    let reply = Reply::from_result(&msg.topic, result, state);
     if let Err(e) = session.reply_as(prefix, msg, &reply).await {
         tracing::warn!(error = %e, "cannot send reply");
     }

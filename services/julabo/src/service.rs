@@ -44,10 +44,7 @@ pub async fn run(
                         Ok(cmd) => {
                             let result = chiller.execute(&cmd).await;
                             publish(&chiller);
-                            match result {
-                                Ok(()) => Reply::ok(&msg.topic, chiller.state.as_str()),
-                                Err(e) => Reply::err(&msg.topic, e, chiller.state.as_str()),
-                            }
+                            Reply::from_result(&msg.topic, result, chiller.state.as_str())
                         }
                     };
                     if let Err(e) = session.reply(&msg, &reply).await {
