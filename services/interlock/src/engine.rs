@@ -154,9 +154,7 @@ impl Interlock {
                 return self.settle(&touched, now, wall);
             }
         }
-        if topic == format!("{}/reply", self.plant.caen())
-            || topic == format!("{}/reply", self.plant.chiller())
-        {
+        if self.plant.is_reply(topic) {
             if let Ok(doc) = serde_json::from_slice::<Json>(payload) {
                 let cmd = doc.get("topic").and_then(Json::as_str).unwrap_or("");
                 let ok = doc.get("ok").and_then(Json::as_bool).unwrap_or(false);

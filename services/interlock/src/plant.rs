@@ -75,11 +75,11 @@ impl Plant {
 
     /// Takes a message if it is a status of a target; `true` if it was one.
     pub fn ingest(&mut self, topic: &str, payload: &[u8], now: Instant) -> bool {
-        if topic == format!("{}/online", self.caen) {
+        if is(topic, &self.caen, "online") {
             self.caen_offline = payload == b"false";
             return true;
         }
-        if topic == format!("{}/online", self.chiller_name) {
+        if is(topic, &self.chiller_name, "online") {
             self.chiller_offline = payload == b"false";
             return true;
         }
@@ -111,7 +111,7 @@ impl Plant {
             );
             return true;
         }
-        if topic == format!("{}/status", self.chiller_name) {
+        if is(topic, &self.chiller_name, "status") {
             let doc = serde_json::from_slice::<Json>(payload).unwrap_or(Json::Null);
             let f = |k: &str| doc.get(k).and_then(Json::as_f64);
             self.chiller = Chiller {
@@ -177,6 +177,11 @@ impl Plant {
         Some((n, self.chiller.setpoints[usize::from(n - 1)]?))
     }
 
+    /// Whether `topic` is a target's command reply topic.
+    pub fn is_reply(&self, topic: &str) -> bool {
+        is(topic, &self.caen, "reply") || is(topic, &self.chiller_name, "reply")
+    }
+
     /// The CAEN FSM's MQTT name.
     pub fn caen(&self) -> &str {
         &self.caen
@@ -186,6 +191,15 @@ impl Plant {
     pub fn chiller(&self) -> &str {
         &self.chiller_name
     }
+}
+
+/// `topic == "<service>/<suffix>"`, without building the string (every message
+/// passes here).
+fn is(topic: &str, service: &str, suffix: &str) -> bool {
+    topic
+        .strip_prefix(service)
+        .and_then(|t| t.strip_prefix('/'))
+        == Some(suffix)
 }
 
 #[cfg(test)]
