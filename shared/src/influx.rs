@@ -207,6 +207,47 @@ impl InfluxWriter {
             Err(WriteError::Retry(format!("HTTP {status}: {message}")))
         }
     }
+
+    /// Runs an InfluxQL query through `/query` (InfluxDB 1.x, and 2.x's compatibility
+    /// API with a DBRP mapping), timestamps as integer nanoseconds. Returns the JSON
+    /// answer; an error in it (bad query, unknown database) is returned as `Rejected`.
+    pub fn query(&self, influxql: &str) -> Result<serde_json::Value, WriteError> {
+        let s = &self.settings;
+        let db = match s.api {
+            InfluxApi::V1 => s.database.as_deref(),
+            InfluxApi::V2 => s.bucket.as_deref(),
+        };
+        let mut req = self
+            .agent
+            .get(format!("{}/query", s.url.trim_end_matches('/')))
+            .query("db", db.unwrap_or(""))
+            .query("epoch", "ns")
+            .query("q", influxql);
+        if let Some(a) = &self.auth {
+            req = req.header("Authorization", a);
+        }
+        let mut resp = req.call().map_err(|e| WriteError::Retry(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp.body_mut().read_to_string().unwrap_or_default();
+        let json: Option<serde_json::Value> = serde_json::from_str(&body).ok();
+        let error = json.as_ref().and_then(|v| {
+            v.get("error")
+                .or_else(|| v.pointer("/results/0/error"))
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        });
+        match (status, json, error) {
+            (200..=299, Some(v), None) => Ok(v),
+            (500..=599, _, e) => Err(WriteError::Retry(format!(
+                "HTTP {status}: {}",
+                e.unwrap_or(body)
+            ))),
+            (_, _, e) => Err(WriteError::Rejected {
+                status,
+                message: e.unwrap_or(body),
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
