@@ -1,0 +1,25 @@
+//! `ph2acf-bridge`: runs Ph2_ACF calibrations on MQTT command and records them in
+//! MongoDB and InfluxDB at the same instants (SPEC 6).
+//!
+//! Layers, from the wire up:
+//! - [`backend`]: driving Ph2_ACF, over the middleware TCP protocol or the command line
+//!   (timeouts, crashes, dropped connections end a run as failed with the reason);
+//! - [`results`]: reading the run directory (per-chip files parsed, no I/O in parsing);
+//! - [`record`]: the run as a MongoDB document and `calibration_runs` points (pure);
+//! - [`outbox`]: durable queues in front of the stores; [`store`] (MongoDB, GridFS) and
+//!   [`influx_sink`] (InfluxDB) deliver from them;
+//! - [`commands`] (allowlist checks, pure) and [`service`] (MQTT, one run at a time);
+//! - [`show`]: `dcs run show`, the run joined with the environment during it.
+
+pub mod backend;
+pub mod commands;
+pub mod config;
+pub mod influx_sink;
+pub mod outbox;
+pub mod record;
+pub mod results;
+pub mod service;
+pub mod show;
+pub mod store;
+
+pub use config::BridgeConfig;
