@@ -171,3 +171,40 @@ fn load_telemetry(file: Option<&Path>) -> anyhow::Result<telemetry::TelemetryCon
     }
     Ok(cfg)
 }
+
+/// The Ph2_ACF calibration bridge.
+pub const PH2ACF: Component = Component {
+    name: "ph2acf-bridge",
+    kind: Kind::Service,
+    check: |_, file| load_ph2acf(file).map(drop),
+    run: |stack, file, shutdown| {
+        Box::pin(async move {
+            let cfg = load_ph2acf(file.as_deref())?;
+            ph2acf::service::run(cfg, stack.mqtt, shutdown).await
+        })
+    },
+};
+
+/// Loads the bridge config with its paths resolved against the file.
+pub fn load_ph2acf(file: Option<&Path>) -> anyhow::Result<ph2acf::BridgeConfig> {
+    let path = file.context("ph2acf-bridge needs a config file (`config:` in the stack config)")?;
+    Ok(ph2acf::BridgeConfig::load(path)?)
+}
+
+/// The simulated Ph2_ACF middleware.
+pub const PH2ACF_SIM: Component = Component {
+    name: "ph2acf-sim",
+    kind: Kind::Simulator,
+    check: |_, file| load_ph2acf_sim(file).map(drop),
+    run: |_, file, shutdown| {
+        Box::pin(async move {
+            let cfg = load_ph2acf_sim(file.as_deref())?;
+            ph2acf_sim::run(cfg, shutdown).await
+        })
+    },
+};
+
+fn load_ph2acf_sim(file: Option<&Path>) -> anyhow::Result<ph2acf_sim::SimConfig> {
+    let path = file.context("ph2acf-sim needs a config file (`config:` in the stack config)")?;
+    Ok(ph2acf_sim::SimConfig::load(path)?)
+}

@@ -48,11 +48,29 @@ enum Cmd {
         #[arg(long, short, default_value = "deploy/dcs.yaml")]
         config: PathBuf,
     },
-    /// Run one component in this process (used by `dcs up`).
+    /// Run one component in this process (used by `dcs up`), or `dcs run show RUN_ID`.
+    #[command(args_conflicts_with_subcommands = true)]
     Run {
+        #[command(subcommand)]
+        runs: Option<Runs>,
         /// Component name (`broker`, or a name under `services:`/`simulators:`).
-        name: String,
+        name: Option<String>,
         /// Stack config.
+        #[arg(long, short, default_value = "deploy/dcs.yaml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum Runs {
+    /// A calibration run from MongoDB with the environment during it from InfluxDB.
+    Show {
+        /// The run id (`ph2acf/status`, `ph2acf/run` markers, the run document).
+        run_id: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Stack config (the `ph2acf-bridge` service's file says where the databases are).
         #[arg(long, short, default_value = "deploy/dcs.yaml")]
         config: PathBuf,
     },
@@ -61,7 +79,7 @@ enum Cmd {
 fn main() -> ExitCode {
     dcs_shared::logging::init("info");
     let cli = Cli::parse();
-    if matches!(&cli.command, Cmd::Run { name, .. } if name == "caen-sim") {
+    if matches!(&cli.command, Cmd::Run { name: Some(name), .. } if name == "caen-sim") {
         // Before any thread exists: the CA server reads its interfaces from the
         // environment only.
         caen_sim::loopback_env_defaults();
@@ -76,7 +94,23 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Up { config, simulate } => runtime.block_on(up(&config, simulate)),
         Cmd::Check { config } => check(&config).map(|summary| println!("{summary}")),
-        Cmd::Run { name, config } => runtime.block_on(run(&name, &config)),
+        Cmd::Run {
+            runs:
+                Some(Runs::Show {
+                    run_id,
+                    json,
+                    config,
+                }),
+            ..
+        } => runtime.block_on(show_run(&config, &run_id, json)),
+        Cmd::Run {
+            name: Some(name),
+            config,
+            ..
+        } => runtime.block_on(run(&name, &config)),
+        Cmd::Run { .. } => Err(anyhow::anyhow!(
+            "give a component name (`dcs run NAME`) or `dcs run show RUN_ID`"
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -227,4 +261,23 @@ async fn run(name: &str, path: &Path) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("`{name}` is not enabled in {}", path.display()))?;
     let shutdown = dcs_shared::shutdown::on_signal();
     (component.run)(stack, file, shutdown).await
+}
+
+/// `dcs run show`: the run and its environment, as a table or JSON.
+async fn show_run(path: &Path, run_id: &str, json: bool) -> anyhow::Result<()> {
+    let stack = StackConfig::load(path)?;
+    let file = stack
+        .enabled(false)
+        .into_iter()
+        .find(|(c, _)| c.name == "ph2acf-bridge")
+        .and_then(|(_, f)| f)
+        .ok_or_else(|| anyhow::anyhow!("no `ph2acf-bridge` service in {}", path.display()))?;
+    let cfg = components::load_ph2acf(Some(&file))?;
+    let view = ph2acf::show::fetch(&cfg, run_id).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", ph2acf::show::render_table(&view));
+    }
+    Ok(())
 }

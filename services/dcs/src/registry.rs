@@ -57,9 +57,11 @@ pub static COMPONENTS: &[Component] = &[
     crate::components::JULABO,
     crate::components::TELEMETRY,
     crate::components::INTERLOCK,
+    crate::components::PH2ACF,
     crate::components::CAEN_SIM,
     crate::components::JULABO_SIM,
     crate::components::ENV_SIM,
+    crate::components::PH2ACF_SIM,
 ];
 
 /// The registered component called `name`, if it is of `kind`.
