@@ -209,3 +209,51 @@ impl Victoria {
         }
     }
 }
+
+/// A MongoDB-wire server (SecantusDB's `secantusd-py`, from the venv `.ci/run` makes)
+/// on a free port, in-memory: a restart starts empty.
+pub struct Mongo {
+    /// Port.
+    pub port: u16,
+    proc: Option<Proc>,
+}
+
+impl Mongo {
+    /// Starts the server.
+    pub fn start() -> Mongo {
+        let mut m = Mongo {
+            port: free_port(),
+            proc: None,
+        };
+        m.restart();
+        m
+    }
+
+    /// (Re)starts it on the same port.
+    pub fn restart(&mut self) {
+        let exe = std::env::var_os("DCS_SECANTUSD")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| crate::repo_root().join(".venv/bin/secantusd-py"));
+        assert!(
+            exe.exists(),
+            "{} missing: run .ci/run (it installs SecantusDB into .venv)",
+            exe.display()
+        );
+        let mut cmd = Command::new(exe);
+        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--storage-path", ":memory:"]);
+        self.proc = Some(spawn_until(cmd, "listening on", Duration::from_secs(60)));
+    }
+
+    /// Kills it (SIGKILL): an outage.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// `mongodb://127.0.0.1:<port>`.
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}", self.port)
+    }
+}

@@ -28,7 +28,8 @@ fn shipped_config_checks_ok() {
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains(
-            "OK (broker, caen-sim, env-sim, julabo-sim, caen-fsm, interlock, julabo, telemetry)"
+            "OK (broker, caen-sim, env-sim, julabo-sim, ph2acf-sim, caen-fsm, interlock, julabo, \
+             ph2acf-bridge, telemetry)"
         ),
         "{text}"
     );
@@ -98,15 +99,29 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
         .unwrap()
         .replace("port: 15064", &format!("port: {ca_port}"));
     std::fs::write(dir.path().join("caen.yaml"), caen_cfg).unwrap();
+    let ph2_port = free_port();
+    for f in ["ph2acf.yaml", "ph2acf-sim.yaml"] {
+        let text = std::fs::read_to_string(deploy.join(f))
+            .unwrap()
+            .replace("127.0.0.1:5000", &format!("127.0.0.1:{ph2_port}"));
+        std::fs::write(dir.path().join(f), text).unwrap();
+    }
+    std::fs::create_dir_all(dir.path().join("ph2acf")).unwrap();
+    std::fs::copy(
+        deploy.join("ph2acf/PS_module.xml"),
+        dir.path().join("ph2acf/PS_module.xml"),
+    )
+    .unwrap();
     let config = write_stack(
         dir.path(),
         p4,
         None,
         None,
         "services: {caen-fsm: {config: caen.yaml}, julabo: {config: julabo.yaml}, \
-         telemetry: {config: telemetry.yaml}, interlock: {config: interlock.yaml}}\n\
+         telemetry: {config: telemetry.yaml}, interlock: {config: interlock.yaml}, \
+         ph2acf-bridge: {config: ph2acf.yaml}}\n\
          simulators: {caen-sim: {config: caen.yaml}, julabo-sim: {config: julabo-sim.yaml}, \
-         env-sim: {config: env-sim.yaml}}\n",
+         env-sim: {config: env-sim.yaml}, ph2acf-sim: {config: ph2acf-sim.yaml}}\n",
     );
     let mut cmd = Command::new(bin("dcs"));
     cmd.args(["up", "--simulate", "--config"])
@@ -126,6 +141,7 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
         secret.trim(),
         &[
             "julabo/status",
+            "ph2acf/status",
             "dcs-launcher/status",
             "telemetry/stats",
             "dcs/status",
@@ -166,7 +182,7 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
     .await
     .expect("LV refused while the chiller is stopped");
     // The launcher publishes as components start: wait for the one listing them all.
-    const ALL: [&str; 8] = [
+    const ALL: [&str; 10] = [
         "broker",
         "caen-fsm",
         "caen-sim",
@@ -174,6 +190,8 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
         "interlock",
         "julabo",
         "julabo-sim",
+        "ph2acf-bridge",
+        "ph2acf-sim",
         "telemetry",
     ];
     let g = o
@@ -187,6 +205,18 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
     for c in ALL {
         assert_eq!(v["components"][c]["state"], "running", "{v}");
     }
+    // A calibration through the bridge and the simulated middleware.
+    o.publish(
+        "ph2acf/cmd/run",
+        r#"{"calibration":"pedenoise","config":"PS_module","modules":["PS_26_05-IBA_00001"],"operator":"alice"}"#,
+    )
+    .await;
+    o.wait_for("ph2acf/status", WAIT, |p| {
+        serde_json::from_str::<serde_json::Value>(p)
+            .is_ok_and(|v| v["state"] == "running" && v["run_number"] == 1)
+    })
+    .await
+    .expect("a calibration runs under the launcher");
     // No database in the simulated stack: the chiller's status is kept in the spool.
     let g = o
         .wait_for("telemetry/stats", WAIT, |p| {
