@@ -122,8 +122,8 @@ impl SimConfig {
 
 impl dcs_shared::Validate for SimConfig {
     fn validate(&self) -> Result<(), (String, String)> {
-        if !(self.run_secs.is_finite() && self.run_secs >= 0.0) {
-            return Err(("run_secs".into(), "must be a number >= 0".into()));
+        if !(self.run_secs.is_finite() && (0.0..=3.2e7).contains(&self.run_secs)) {
+            return Err(("run_secs".into(), "must be 0..3.2e7 seconds".into()));
         }
         if self.results_root_bytes > 1 << 32 {
             return Err(("results_root_bytes".into(), "at most 4 GiB".into()));

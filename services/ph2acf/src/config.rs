@@ -212,18 +212,27 @@ impl dcs_shared::Validate for BridgeConfig {
                 );
             }
         }
-        for (k, v) in [
-            ("run_timeout_secs", self.run_timeout_secs),
-            ("stall_timeout_secs", self.stall_timeout_secs),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return err(k, "must be a number of seconds > 0");
+        // Bounded: they become `Duration`s (a year is more than any calibration).
+        let secs = [
+            ("run_timeout_secs", Some(self.run_timeout_secs)),
+            ("stall_timeout_secs", Some(self.stall_timeout_secs)),
+            (
+                "middleware.reply_timeout_secs",
+                self.middleware.as_ref().map(|m| m.reply_timeout_secs),
+            ),
+            (
+                "mongodb.timeout_secs",
+                self.mongodb.as_ref().map(|m| m.timeout_secs),
+            ),
+        ];
+        for (k, v) in secs {
+            if let Some(v) = v {
+                if !(v.is_finite() && v > 0.0 && v <= 3.2e7) {
+                    return err(k, "must be a number of seconds > 0 and at most a year");
+                }
             }
         }
         if let Some(m) = &self.middleware {
-            if !(m.reply_timeout_secs.is_finite() && m.reply_timeout_secs > 0.0) {
-                return err("middleware.reply_timeout_secs", "must be > 0");
-            }
             if m.poll_ms == 0 {
                 return err("middleware.poll_ms", "must be > 0");
             }
@@ -323,6 +332,7 @@ mod tests {
             ("configs: {'-rf': x.xml}\n", "configs"),
             ("modules: ['$(x)']\n", "modules"),
             ("run_timeout_secs: 0\n", "run_timeout_secs"),
+            ("stall_timeout_secs: 1e300\n", "stall_timeout_secs"),
             ("mongodb: {uri: 'http://x'}\n", "mongodb.uri"),
             ("colour: red\n", "colour"),
         ] {
