@@ -69,15 +69,18 @@ impl Outbox {
         })
     }
 
+    fn spool(&self) -> Result<std::sync::MutexGuard<'_, Spool>, SpoolError> {
+        self.spool
+            .lock()
+            .map_err(|_| SpoolError::Io(std::io::Error::other("queue lock poisoned")))
+    }
+
     /// Appends a record durably (fsync) and wakes the delivery task.
     pub fn push(&self, record: &[u8]) -> Result<(), SpoolError> {
         if record.len() as u64 > MAX_RECORD {
             return Err(SpoolError::TooLarge(record.len() as u64));
         }
-        let mut spool = self
-            .spool
-            .lock()
-            .map_err(|_| SpoolError::Io(std::io::Error::other("queue lock poisoned")))?;
+        let mut spool = self.spool()?;
         spool.append(record)?;
         spool.sync()?;
         let pending = spool.pending_bytes();
@@ -101,19 +104,13 @@ impl Outbox {
     }
 
     fn next(&self) -> Result<Option<(Vec<u8>, dcs_shared::spool::Position)>, SpoolError> {
-        let mut spool = self
-            .spool
-            .lock()
-            .map_err(|_| SpoolError::Io(std::io::Error::other("queue lock poisoned")))?;
+        let mut spool = self.spool()?;
         let (mut records, pos) = spool.read(1, MAX_RECORD)?;
         Ok(records.pop().map(|r| (r, pos)))
     }
 
     fn ack(&self, pos: dcs_shared::spool::Position) -> Result<(), SpoolError> {
-        let mut spool = self
-            .spool
-            .lock()
-            .map_err(|_| SpoolError::Io(std::io::Error::other("queue lock poisoned")))?;
+        let mut spool = self.spool()?;
         spool.ack(pos)?;
         let pending = spool.pending_bytes();
         drop(spool);
