@@ -29,9 +29,9 @@ def validate(*files: Path) -> subprocess.CompletedProcess:
     )
 
 
-def configmap(tmp_path: Path) -> Path:
-    out = tmp_path / "configmap.yaml"
-    out.write_text(subprocess.run([str(POD_DIR / "configmap.sh")], capture_output=True, text=True, check=True).stdout)
+def configmap(tmp_path: Path, *which: str) -> Path:
+    out = tmp_path / f"configmap{'-'.join(('',) + which)}.yaml"
+    out.write_text(subprocess.run([str(POD_DIR / "configmap.sh"), *which], capture_output=True, text=True, check=True).stdout)
     return out
 
 
@@ -47,7 +47,7 @@ def secret_keys() -> set[str]:
 
 @pytest.mark.parametrize("path", POD_FILES, ids=lambda p: p.name)
 def test_schema_valid_for_kubernetes(path: Path, tmp_path: Path) -> None:
-    r = validate(path, configmap(tmp_path))
+    r = validate(path, configmap(tmp_path), configmap(tmp_path, "grafana"))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -119,3 +119,30 @@ def test_systemd_unit_for_start_at_boot(tmp_path: Path) -> None:
     assert f"ExecStop=/usr/bin/podman kube down {pod}" in text
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_grafana_configmap_is_deploy_grafana(tmp_path: Path) -> None:
+    """The lab pod's Grafana gets the provisioning of deploy/grafana, every file in place."""
+    (cm,) = docs(configmap(tmp_path, "grafana"))
+    grafana = REPO / "deploy" / "grafana"
+    sources = {
+        "datasource-influxdb.yaml": grafana / "provisioning/datasources/influxdb.yaml",
+        "dashboards-dcs.yaml": grafana / "provisioning/dashboards/dcs.yaml",
+    }
+    sources.update({f"dashboard-{f.name}": f for f in (grafana / "dashboards").glob("*.json")})
+    assert set(cm["data"]) == set(sources)
+    for key, src in sources.items():
+        expected = "\n".join(line.rstrip() for line in src.read_text().splitlines()) + "\n"
+        assert cm["data"][key] == expected, key
+    pod = next(d for d in docs(POD_DIR / "tracker-dcs.yaml") if d["kind"] == "Pod")
+    volume = next(v for v in pod["spec"]["volumes"] if v.get("configMap", {}).get("name") == "tracker-dcs-grafana")
+    paths = {i["key"]: i["path"] for i in volume["configMap"]["items"]}
+    assert set(paths) == set(sources), "every Grafana file is mounted"
+    for key, src in sources.items():
+        assert paths[key] == src.relative_to(grafana).as_posix(), key
+    c = next(c for c in pod["spec"]["containers"] if c["name"] == "grafana")
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mount = next(m for m in c["volumeMounts"] if m["name"] == volume["name"])
+    assert env["GF_PATHS_PROVISIONING"] == f"{mount['mountPath']}/provisioning"
+    assert env["GRAFANA_DASHBOARDS_DIR"] == f"{mount['mountPath']}/dashboards"
+    assert {"DCS_INFLUX_URL", "DCS_INFLUX_DATABASE", "DCS_INFLUX_USERNAME", "DCS_INFLUX_PASSWORD"} <= set(env)
