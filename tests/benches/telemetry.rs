@@ -102,6 +102,51 @@ async fn publish(port: u16, n: usize) {
     }
 }
 
+/// The database alone: `n` channel points, mapped and encoded by the forwarder's own
+/// code beforehand, written in batches of the shipped size (5000) from `writers`
+/// threads to a fresh InfluxDB, timed until the last write is acknowledged. No broker,
+/// no forwarder: the ceiling any end-to-end figure through this database can reach.
+fn influx_alone(n: usize, writers: usize) -> f64 {
+    let path = dcs_integration_tests::repo_root().join("deploy/telemetry.yaml");
+    let cfg: telemetry::TelemetryConfig = dcs_shared::config::load(&path).expect("config");
+    let mapper = telemetry::mapping::Mapper::new(&cfg.inputs).expect("mapper");
+    let payloads: Vec<String> = (0..8).map(channel_payload).collect();
+    let t0 = dcs_shared::time::UtcNanos::now().as_nanos();
+    let mut batches = Vec::new();
+    let mut body = String::new();
+    for i in 0..n {
+        let m = mapper
+            .map("dcs/channels", payloads[i % 8].as_bytes(), t0 + i as i64)
+            .expect("map");
+        for p in &m.points {
+            dcs_shared::line_protocol::encode(p, &mut body).expect("encode");
+            body.push('\n');
+        }
+        if (i + 1) % 5000 == 0 || i + 1 == n {
+            batches.push(std::mem::take(&mut body));
+        }
+    }
+    let influx = Influx::start();
+    let url = format!("{}/write?db=dcs&precision=ns", influx.url());
+    let queue = std::sync::Mutex::new(batches);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..writers {
+            s.spawn(|| {
+                let agent = ureq::Agent::new_with_defaults();
+                loop {
+                    let Some(b) = queue.lock().expect("queue").pop() else {
+                        return;
+                    };
+                    let r = agent.post(&url).send(b.as_bytes()).expect("write");
+                    assert_eq!(r.status(), 204);
+                }
+            });
+        }
+    });
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n: usize = std::env::var("BENCH_MESSAGES")
@@ -113,6 +158,19 @@ async fn main() {
 
     let enc = encoder(n);
     println!("map + encode:          {enc:>10.0} lines/s (median of 5, one core)");
+    for writers in [1, 2] {
+        let rates: Vec<f64> = (0..3).map(|_| influx_alone(n, writers)).collect();
+        println!(
+            "InfluxDB alone, {writers} writer{}: {:>7.0} points/s acknowledged (median of 3; {})",
+            if writers == 1 { " " } else { "s" },
+            median(rates.clone()),
+            rates
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
 
     // Large broker segments: a QoS 1 burst must not overflow rumqttd's in-memory log.
     let broker = Broker::start_with(
