@@ -87,7 +87,8 @@ def test_panel_drives_the_simulated_lab(stack, node_red, page):
     log = node_red.proc.text
     # Live state reaches the panel: retained statuses and the panel's own connection.
     wait_panel(page, "LV_OFF", log)
-    wait_panel(page, "connected", log)
+    wait_until("the panel connected to the broker",
+               lambda: re.search(r"Panel to broker\s+connected", body(page)), WAIT, log=log)
 
     # HV before LV: refused by caen-fsm, the refusal shown on the panel, nothing moves.
     t0 = time.monotonic()
@@ -97,12 +98,13 @@ def test_panel_drives_the_simulated_lab(stack, node_red, page):
     wait_panel(page, "REFUSED dcs/cmd/switch/hv", log)
     assert obs.latest_json("dcs/status")["fsm_state"] == "LV_OFF"
 
-    # Chiller: set-point 1 to -20 C through the form, then start; the simulator follows.
+    # Chiller: set-point 1 to 15 C through the form (above the simulated dew point plus
+    # the interlock's margin, so no dew-point alarm interferes), then start.
     t0 = time.monotonic()
     pick(page, "* Set-point", "1")
-    page.get_by_label("Temperature (C)").fill("-20")
+    page.get_by_label("Temperature (C)").fill("15")
     click(page, "Set temperature")
-    obs.wait_json("julabo/status", lambda s: s.get("setpoint_1") == -20.0, WAIT, since=t0, log=stack.log)
+    obs.wait_json("julabo/status", lambda s: s.get("setpoint_1") == 15.0, WAIT, since=t0, log=stack.log)
     click(page, "Start")
     obs.wait_json("julabo/status", lambda s: s.get("running") is True and s["fsm_state"] == "ON",
                   WAIT, since=t0, log=stack.log)
@@ -150,10 +152,19 @@ def test_panel_drives_the_simulated_lab(stack, node_red, page):
     assert done["last_run"]["run_id"] == status["run_id"]
     assert done["last_run"]["status"] == "done", done
 
-    # Every service is listed as online.
-    for svc in ["dcs", "julabo", "interlock", "telemetry", "ph2acf"]:
-        wait_panel(page, svc, log)
-    assert "OFFLINE" not in body(page)
+    # Every service is listed as online in the services table.
+    def rows():
+        return [r.split() for r in page.locator("tr").all_inner_texts()]
+
+    # The channel table follows dcs/channels: module channels on, the spare one off.
+    wait_until("channel rows on the panel", lambda: any(r[:3] == ["1", "module_1", "LV_ON"] for r in rows())
+               and any(r[:2] == ["3", "LV_OFF"] for r in rows()), WAIT, log=lambda: str(rows()))
+
+    services = ["dcs", "julabo", "interlock", "telemetry", "ph2acf", "env-sim", "dcs-launcher"]
+    wait_until("every service online on the panel",
+               lambda: all([svc, "online"] in rows() for svc in services), WAIT,
+               log=lambda: str(rows()))
+    assert not any("OFFLINE" in r for r in rows()), rows()
 
 
 def test_panel_offers_what_the_services_allow():
