@@ -8,6 +8,7 @@
 //   DCS_MQTT_HOST (127.0.0.1), DCS_MQTT_PORT (1883), DCS_MQTT_USERNAME (dcs),
 //   DCS_MQTT_PASSWORD (required unless the broker allows anonymous clients; `dcs up`
 //   writes it to .dcs/mqtt-dcs.secret), NODE_RED_HOST (127.0.0.1), NODE_RED_PORT (1880),
+//   NODE_RED_FLOW_FILE (flows.json in the user directory),
 //   NODE_RED_ADMIN_PASSWORD_HASH (a bcrypt hash, `node-red admin hash-pw`: protects the
 //   editor with user `admin`; without it the editor is open to whoever reaches the port).
 const env = process.env;
@@ -24,7 +25,9 @@ if (!Number.isInteger(port) || port < 1 || port > 65535) {
 module.exports = {
     uiHost: env.NODE_RED_HOST || "127.0.0.1",
     uiPort: port,
-    flowFile: "flows.json",
+    // The lab pod reads the shipped flows from its ConfigMap (read-only: change the
+    // panel in the repository, not in the pod's editor).
+    flowFile: env.NODE_RED_FLOW_FILE || "flows.json",
     // flows_cred.json holds only ${VAR} references to the environment, so there is
     // nothing to encrypt; the real credentials never reach a file.
     credentialSecret: false,

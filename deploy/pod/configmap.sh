@@ -6,7 +6,8 @@
 #
 # `configmap.sh grafana` prints `tracker-dcs-grafana` instead: Grafana's provisioning
 # and dashboards from deploy/grafana, for the lab pod's grafana container (flat keys;
-# the pod's volume items put them in place).
+# the pod's volume items put them in place). `configmap.sh node-red` prints
+# `tracker-dcs-node-red`: the control panel of deploy/node-red.
 set -euo pipefail
 deploy="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -42,8 +43,14 @@ case "${1:-}" in
       entry "dashboard-$(basename "$f")" "$f"
     done
     ;;
+  node-red)
+    header tracker-dcs-node-red "node-red from deploy/node-red"
+    for f in flows.json flows_cred.json settings.js; do
+      entry "$f" "$deploy/node-red/$f"
+    done
+    ;;
   *)
-    echo "usage: $0 [grafana]" >&2
+    echo "usage: $0 [grafana|node-red]" >&2
     exit 2
     ;;
 esac

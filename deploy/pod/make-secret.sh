@@ -2,6 +2,7 @@
 # Creates the MQTT credentials of a pod, never in the repo:
 #  - the podman secret `tracker-dcs-mqtt` (keys: username, password: the services'
 #    account `dcs`; passwd: the broker's password file with `dcs` and `operator`;
+#    operator-password (the Node-RED panel logs in as `operator`);
 #    influxdb-admin-password, influxdb-password (user `telemetry`),
 #    grafana-admin-password, mongodb-password (user `admin`): used by
 #    tracker-dcs.yaml);
@@ -36,8 +37,8 @@ $(hash operator "$operator_pw")
 "
 b64() { printf '%s' "$1" | base64 -w0; }
 
-keys=(username password passwd influxdb-admin-password influxdb-password grafana-admin-password mongodb-password)
-values=(dcs "$service_pw" "$passwd" "$(random)" "$(random)" "$(random)" "$(random)")
+keys=(username password passwd operator-password influxdb-admin-password influxdb-password grafana-admin-password mongodb-password)
+values=(dcs "$service_pw" "$passwd" "$operator_pw" "$(random)" "$(random)" "$(random)" "$(random)")
 
 umask 077
 mkdir -p "$out"

@@ -6,6 +6,7 @@ writes, configs only from the generated ConfigMap."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def secret_keys() -> set[str]:
 
 @pytest.mark.parametrize("path", POD_FILES, ids=lambda p: p.name)
 def test_schema_valid_for_kubernetes(path: Path, tmp_path: Path) -> None:
-    r = validate(path, configmap(tmp_path), configmap(tmp_path, "grafana"))
+    r = validate(path, configmap(tmp_path), configmap(tmp_path, "grafana"), configmap(tmp_path, "node-red"))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -146,3 +147,28 @@ def test_grafana_configmap_is_deploy_grafana(tmp_path: Path) -> None:
     assert env["GF_PATHS_PROVISIONING"] == f"{mount['mountPath']}/provisioning"
     assert env["GRAFANA_DASHBOARDS_DIR"] == f"{mount['mountPath']}/dashboards"
     assert {"DCS_INFLUX_URL", "DCS_INFLUX_DATABASE", "DCS_INFLUX_USERNAME", "DCS_INFLUX_PASSWORD"} <= set(env)
+
+
+def test_node_red_gets_the_shipped_panel(tmp_path: Path) -> None:
+    """The lab pod's Node-RED runs deploy/node-red: flows, credentials references and
+    settings from the ConfigMap, the dashboard version of package.json, the operator's
+    MQTT account from the Secret."""
+    (cm,) = docs(configmap(tmp_path, "node-red"))
+    panel = REPO / "deploy" / "node-red"
+    assert set(cm["data"]) == {"flows.json", "flows_cred.json", "settings.js"}
+    for key, text in cm["data"].items():
+        expected = "\n".join(line.rstrip() for line in (panel / key).read_text().splitlines()) + "\n"
+        assert text == expected, key
+    json.loads(cm["data"]["flows.json"])
+    pod = next(d for d in docs(POD_DIR / "tracker-dcs.yaml") if d["kind"] == "Pod")
+    volume = next(v for v in pod["spec"]["volumes"] if v.get("configMap", {}).get("name") == "tracker-dcs-node-red")
+    c = next(c for c in pod["spec"]["containers"] if c["name"] == "node-red")
+    mount = next(m for m in c["volumeMounts"] if m["name"] == volume["name"])["mountPath"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NODE_RED_FLOW_FILE"]["value"] == f"{mount}/flows.json"
+    assert env["DCS_MQTT_USERNAME"]["value"] == "operator"
+    assert env["DCS_MQTT_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "operator-password"
+    script = " ".join(c["args"])
+    assert f"--settings {mount}/settings.js" in script
+    version = json.loads((panel / "package.json").read_text())["dependencies"]["@flowfuse/node-red-dashboard"]
+    assert f"@flowfuse/node-red-dashboard@{version}" in script and f'"version": "{version}"' in script
