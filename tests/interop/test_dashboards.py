@@ -90,6 +90,18 @@ def test_panel_drives_the_simulated_lab(stack, node_red, page):
     wait_until("the panel connected to the broker",
                lambda: re.search(r"Panel to broker\s+connected", body(page)), WAIT, log=log)
 
+    # Opening the page fills in the channel, set-point-in-use and pump forms (channel 0,
+    # LV, on): that must never send them.
+    def selected(label):
+        return page.locator(".v-select", has_text=label).first.locator("input").first.input_value()
+
+    wait_until("the form defaults on the page",
+               lambda: (selected("Pump stage"), selected("Channel")) == ("1", "0"), WAIT, log=log)
+    time.sleep(1)
+    sent = [m.topic for m in obs.snapshot()
+            if m.topic in ("dcs/cmd/switch/lv/0", "julabo/cmd/useSP", "julabo/cmd/setPress")]
+    assert not sent, f"opening the panel sent {sent}"
+
     # HV before LV: refused by caen-fsm, the refusal shown on the panel, nothing moves.
     t0 = time.monotonic()
     click(page, "HV on")
