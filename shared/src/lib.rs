@@ -9,6 +9,7 @@
 //! - [`logging`] and [`shutdown`]: `tracing` setup and SIGTERM/SIGINT handling;
 //! - [`backoff`]: exponential backoff with jitter;
 //! - [`line_protocol`] and [`influx`]: InfluxDB line protocol and its v1/v2 writer;
+//! - [`permit`]: the interlock's signed permit (HMAC-SHA256, freshness, sequence);
 //! - [`spool`]: a durable on-disk queue (checksummed segments, persisted cursor).
 
 pub mod backoff;
@@ -18,6 +19,7 @@ pub mod influx;
 pub mod line_protocol;
 pub mod logging;
 pub mod mqtt;
+pub mod permit;
 pub mod shutdown;
 pub mod spool;
 pub mod time;
