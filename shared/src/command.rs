@@ -17,9 +17,38 @@ use crate::mqtt::Message;
 pub struct CommandError(pub String);
 
 impl CommandError {
-    /// Builds an error from any message.
+    /// Builds an error from any message. Control characters (which a payload quoted
+    /// back may hold: NUL, escape sequences) are written as escapes, so the reply and
+    /// the log line show them instead of acting on a terminal.
     pub fn new(message: impl Into<String>) -> Self {
-        CommandError(message.into())
+        CommandError(escape_controls(&message.into()))
+    }
+}
+
+/// `s` with every control character written as its Rust escape (`\u{0}`, `\n`).
+pub fn escape_controls(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A number for a message: as written for ordinary magnitudes, in exponent form for
+/// huge or tiny ones (`1e308` is not printed as 309 digits).
+pub fn show_number(v: f64) -> String {
+    let a = v.abs();
+    if a != 0.0 && a.is_finite() && !(1e-4..1e9).contains(&a) {
+        format!("{v:e}")
+    } else {
+        format!("{v}")
     }
 }
 
@@ -101,7 +130,9 @@ pub fn parse<C: Command>(name: &str, msg: &Message) -> Option<Result<C, CommandE
         // command after every reconnect or restart, long after the operator sent it.
         return Some(Err(CommandError::new(format!(
             "`{}` was published retained and is not executed: send commands without the \
-             retain flag, and clear this one with an empty retained message",
+             retain flag. To remove it from the broker, stop `{name}` first, then publish an \
+             empty retained message on that topic (while `{name}` runs, an empty message \
+             there is a command it would execute)",
             msg.topic
         ))));
     }
@@ -132,11 +163,12 @@ pub fn expect_empty(payload: &[u8]) -> Result<(), CommandError> {
     }
 }
 
-/// Parses a bare finite number (`12.5`).
+/// Parses a bare finite number (`12.5`). `-0` is 0: a negative zero would be written
+/// to the device and published as `-0.0`.
 pub fn number(payload: &[u8]) -> Result<f64, CommandError> {
     let t = text(payload)?;
     match t.parse::<f64>() {
-        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) if v.is_finite() => Ok(if v == 0.0 { 0.0 } else { v }),
         _ => Err(CommandError::new(format!(
             "payload must be a number, got `{}`",
             truncate(t, 40)
@@ -144,7 +176,12 @@ pub fn number(payload: &[u8]) -> Result<f64, CommandError> {
     }
 }
 
-/// Parses a JSON payload into `T`, explaining what is wrong with it.
+/// Parses a JSON object payload into `T`, explaining what is wrong with it.
+///
+/// Only an object is accepted: serde would also read a struct from an array
+/// (`[3, 10.5]` for `{"setpoint": 3, "value": 10.5}`), which the contract does not
+/// allow and which silently depends on field order. A negative zero anywhere in it is
+/// read as 0.
 pub fn json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CommandError> {
     let t = text(payload)?;
     if t.is_empty() {
@@ -152,14 +189,52 @@ pub fn json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CommandError> {
             "payload must be a JSON object, got nothing",
         ));
     }
-    serde_json::from_str(t).map_err(|e| CommandError::new(format!("payload is not valid: {e}")))
+    let mut doc: serde_json::Value = serde_json::from_str(t)
+        .map_err(|e| CommandError::new(format!("payload is not valid: {e}")))?;
+    let kind = match &doc {
+        serde_json::Value::Object(_) => None,
+        serde_json::Value::Array(_) => Some("an array"),
+        serde_json::Value::String(_) => Some("a string"),
+        serde_json::Value::Number(_) => Some("a number"),
+        serde_json::Value::Bool(_) => Some("a boolean"),
+        serde_json::Value::Null => Some("null"),
+    };
+    if let Some(kind) = kind {
+        return Err(CommandError::new(format!(
+            "payload must be a JSON object ({{\"key\": value, ...}}), got {kind}"
+        )));
+    }
+    let result = if positive_zeros(&mut doc) {
+        serde_json::from_value(doc)
+    } else {
+        // Straight from the text: duplicate keys are refused and errors keep positions.
+        serde_json::from_str(t)
+    };
+    result.map_err(|e| CommandError::new(format!("payload is not valid: {e}")))
 }
 
-/// Cuts untrusted text quoted back in messages, on a char boundary.
+/// Replaces every `-0.0` in `v` by `0.0`; whether there was one.
+fn positive_zeros(v: &mut serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Number(n) if n.as_f64() == Some(0.0) && n.is_f64() => {
+            let negative = n.as_f64().is_some_and(f64::is_sign_negative);
+            if negative {
+                *v = serde_json::Value::from(0.0);
+            }
+            negative
+        }
+        serde_json::Value::Array(a) => a.iter_mut().fold(false, |f, x| positive_zeros(x) | f),
+        serde_json::Value::Object(o) => o.values_mut().fold(false, |f, x| positive_zeros(x) | f),
+        _ => false,
+    }
+}
+
+/// Cuts untrusted text quoted back in messages, on a char boundary, with control
+/// characters escaped.
 pub fn truncate(s: &str, max_chars: usize) -> String {
     match s.char_indices().nth(max_chars) {
-        Some((i, _)) => format!("{}...", &s[..i]),
-        None => s.to_string(),
+        Some((i, _)) => format!("{}...", escape_controls(&s[..i])),
+        None => escape_controls(s),
     }
 }
 
@@ -268,6 +343,52 @@ mod tests {
         assert!(e.0.contains("EOF"), "{e}");
         assert!(json::<P>(b"").unwrap_err().0.contains("got nothing"));
         assert_eq!(json::<P>(b" {\"setpoint\": 2} ").unwrap().setpoint, 2);
+        // The contract says object: an array, a number or null is refused, said so.
+        for (bad, kind) in [
+            (&b"[2]"[..], "an array"),
+            (b"2", "a number"),
+            (b"null", "null"),
+        ] {
+            let e = json::<P>(bad).unwrap_err();
+            assert!(
+                e.0.contains("must be a JSON object") && e.0.contains(kind),
+                "{e}"
+            );
+        }
+        let e = json::<P>(b"{\"setpoint\": 2, \"setpoint\": 3}").unwrap_err();
+        assert!(e.0.contains("duplicate field"), "{e}");
+    }
+
+    #[test]
+    fn negative_zero_is_zero() {
+        #[derive(serde::Deserialize, Debug)]
+        struct V {
+            value: f64,
+            list: Vec<f64>,
+        }
+        let v = json::<V>(br#"{"value": -0.0, "list": [1.5, -0.0]}"#).unwrap();
+        assert!(v.value == 0.0 && v.value.is_sign_positive());
+        assert!(v.list[1].is_sign_positive() && v.list[0] == 1.5);
+        let v = json::<V>(br#"{"value": -0, "list": []}"#).unwrap();
+        assert!(v.value.is_sign_positive());
+        for t in [&b"-0"[..], b"-0.0", b" -0e3 "] {
+            let n = number(t).unwrap();
+            assert!(n == 0.0 && n.is_sign_positive(), "{t:?}");
+        }
+        assert_eq!(number(b"-1.5").unwrap(), -1.5);
+    }
+
+    #[test]
+    fn quoted_text_is_safe_to_print() {
+        assert_eq!(truncate("a\0b\x1b[2J", 10), "a\\u{0}b\\u{1b}[2J");
+        assert_eq!(truncate("\n\nabc", 2), "\\n\\n...");
+        let e = CommandError::new("unknown field `\0`");
+        assert_eq!(e.0, "unknown field `\\u{0}`");
+        assert_eq!(show_number(1e308), "1e308");
+        assert_eq!(show_number(-2.5e-9), "-2.5e-9");
+        assert_eq!(show_number(12.5), "12.5");
+        assert_eq!(show_number(0.0), "0");
+        assert_eq!(show_number(-35.0), "-35");
     }
 
     #[test]

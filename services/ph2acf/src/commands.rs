@@ -60,17 +60,14 @@ pub const MAX_COMMENT: usize = 1000;
 impl Command for BridgeCommand {
     fn parse(path: &[&str], payload: &[u8]) -> Result<Self, CommandError> {
         match path {
-            ["run"] => {
-                let text = command::text(payload)?;
-                serde_json::from_str::<RunRequest>(text)
-                    .map(BridgeCommand::Run)
-                    .map_err(|e| {
-                        CommandError::new(format!(
-                            "run takes a JSON object {{\"calibration\", \"config\", \"modules\", \
+            ["run"] => command::json::<RunRequest>(payload)
+                .map(BridgeCommand::Run)
+                .map_err(|e| {
+                    CommandError::new(format!(
+                        "run takes a JSON object {{\"calibration\", \"config\", \"modules\", \
                              \"operator\", \"comment\"}}: {e}"
-                        ))
-                    })
-            }
+                    ))
+                }),
             ["stop"] => command::expect_empty(payload).map(|()| BridgeCommand::Stop),
             ["refresh"] => command::expect_empty(payload).map(|()| BridgeCommand::Refresh),
             other => Err(CommandError::new(format!(
