@@ -30,6 +30,9 @@ use crate::UtcNanos;
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// Environment variable holding the key text; overrides the configured file.
+pub const KEY_ENV: &str = "DCS_PERMIT_KEY";
+
 /// Shortest key accepted, in bytes of key-file text.
 pub const MIN_KEY_LEN: usize = 16;
 
@@ -79,6 +82,23 @@ impl PermitKey {
             .map_err(|e| format!("cannot write the permit key {}: {e}", path.display()))?;
         tracing::info!(file = %path.display(), "created a permit key");
         Self::from_text(&text)
+    }
+
+    /// The key from the environment variable [`KEY_ENV`] if set (containers take it
+    /// from a secret), else from `file`: created if missing when `create` (the signer),
+    /// else it must exist.
+    pub fn from_env_or_file(file: Option<&Path>, create: bool) -> Result<Self, String> {
+        if let Ok(text) = std::env::var(KEY_ENV) {
+            return Self::from_text(&text).map_err(|e| format!("${KEY_ENV}: {e}"));
+        }
+        match file {
+            Some(f) if create => Self::load_or_create(f),
+            Some(f) => Self::load(f),
+            None => Err(format!(
+                "no permit key: set permit_key_file (the file the interlock signs its permits \
+                 with) or ${KEY_ENV}"
+            )),
+        }
     }
 
     fn mac(&self, text: &str) -> HmacSha256 {

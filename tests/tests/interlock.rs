@@ -52,7 +52,8 @@ const DEW_AND_COOLING: &str = r#"
 
 fn start_interlock(dir: &Path, text: &str) -> Proc {
     let file = dir.join("interlock.yaml");
-    std::fs::write(&file, text).unwrap();
+    // The key caen-fsm verifies the permits with (created by the interlock).
+    std::fs::write(&file, format!("{text}\npermit_key_file: permit.key\n")).unwrap();
     let mut cmd = Command::new(bin("interlock"));
     cmd.arg("--config").arg(&file);
     spawn_until(cmd, "connected to the broker", WAIT)
@@ -84,7 +85,10 @@ fn plant() -> Plant {
             ("1", Some("m1"), 0, 1, 12, 1),
         ],
     )
-    .replace("safety:\n", "safety:\n  interlock: interlock\n");
+    .replace(
+        "safety:\n",
+        "safety:\n  interlock: interlock\n  permit_key_file: permit.key\n",
+    );
     let caen_file = dir.path().join("caen.yaml");
     std::fs::write(&caen_file, caen).unwrap();
     let caen_sim = CaenSim::start(&caen_file, ports);

@@ -6,6 +6,7 @@
 //! (config or MQTT) may be.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use dcs_shared::{MqttSettings, Validate};
 use serde::{Deserialize, Deserializer};
@@ -309,6 +310,13 @@ pub struct Safety {
     /// The interlock's MQTT name: LV on is refused unless `<interlock>/permits` allows
     /// it. Unset: no interlock is consulted.
     pub interlock: Option<String>,
+    /// The key the interlock signs its permits with (the interlock's
+    /// `permit_key_file`), relative to this file; `$DCS_PERMIT_KEY` (the key text)
+    /// overrides it. Required with `interlock`: an unsigned permit is refused.
+    pub permit_key_file: Option<PathBuf>,
+    /// A permit older than this is a refusal (the interlock signs it again every
+    /// `timing.permit_secs`, 10 s by default).
+    pub permit_max_age_secs: f64,
 }
 
 impl Default for Safety {
@@ -317,6 +325,8 @@ impl Default for Safety {
             hv_safe_voltage: 5.0,
             hv_off_timeout_secs: 120.0,
             interlock: None,
+            permit_key_file: None,
+            permit_max_age_secs: 30.0,
         }
     }
 }
@@ -484,6 +494,25 @@ impl Validate for CaenConfig {
         }
         if !(self.timing.refresh_secs >= 0.0 && self.timing.refresh_secs.is_finite()) {
             return Err(("timing.refresh_secs".into(), "must be >= 0".into()));
+        }
+        if self.safety.interlock.is_some()
+            && self.safety.permit_key_file.is_none()
+            && std::env::var_os(dcs_shared::permit::KEY_ENV).is_none()
+        {
+            return Err((
+                "safety.interlock".into(),
+                format!(
+                    "needs safety.permit_key_file (the key the interlock signs its permits \
+                     with, its permit_key_file) or ${}",
+                    dcs_shared::permit::KEY_ENV
+                ),
+            ));
+        }
+        if !(self.safety.permit_max_age_secs >= 1.0 && self.safety.permit_max_age_secs <= 3600.0) {
+            return Err((
+                "safety.permit_max_age_secs".into(),
+                "must be 1 .. 3600".into(),
+            ));
         }
         let mut used = BTreeMap::new();
         for r in self.resolved() {

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use dcs_shared::command;
 use dcs_shared::shutdown::CancellationToken;
-use dcs_shared::{Message, MqttSettings, QoS, Reply, Session, SessionEvent, SessionOptions};
+use dcs_shared::{
+    Message, MqttSettings, QoS, Reply, Session, SessionEvent, SessionOptions, UtcNanos,
+};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -61,7 +63,19 @@ impl<C: ChannelAccess> Fsm<C> {
     /// Builds the plant of `cfg` and starts watching its PVs.
     pub fn new(cfg: CaenConfig, config_path: Option<PathBuf>, ca: Arc<C>) -> Self {
         let (events, events_rx) = mpsc::unbounded_channel();
-        let permit = Permit::new(cfg.safety.interlock.as_deref());
+        let key_file = cfg
+            .safety
+            .permit_key_file
+            .as_ref()
+            .map(|f| match &config_path {
+                Some(c) => dcs_shared::config::relative_to(c, f),
+                None => f.clone(),
+            });
+        let permit = Permit::new(
+            cfg.safety.interlock.as_deref(),
+            key_file,
+            cfg.safety.permit_max_age_secs,
+        );
         let mut fsm = Fsm {
             plant: Plant::new(
                 &cfg.prefix,
@@ -312,7 +326,8 @@ impl<C: ChannelAccess> Fsm<C> {
         .unwrap_or(0.0);
         if !(0.0..=limit).contains(&volts) {
             return Err(format!(
-                "{volts} V is outside the {} limits of channel {channel}: 0 .. {limit} V",
+                "{} V is outside the {} limits of channel {channel}: 0 .. {limit} V",
+                command::show_number(volts),
                 side.as_str().to_uppercase()
             ));
         }
@@ -366,7 +381,7 @@ impl<C: ChannelAccess> Fsm<C> {
             }
             (Side::Lv, false) => return self.lv_off(targets, msg).await,
             (Side::Lv, true) => {
-                if let Err(e) = self.permit.check_lv_on() {
+                if let Err(e) = self.permit.check_lv_on(UtcNanos::now()) {
                     return Some(Err(e));
                 }
             }
@@ -707,7 +722,7 @@ pub async fn run<C: ChannelAccess>(
             ev = mqtt_events.recv() => match ev {
                 None => break,
                 Some(SessionEvent::Message(msg)) => {
-                    if fsm.permit.ingest(&msg.topic, &msg.payload) {
+                    if fsm.permit.ingest(&msg.topic, &msg.payload, UtcNanos::now()) {
                         continue;
                     }
                     let Some(parsed) = command::parse::<CaenCommand>(&name, &msg) else { continue };

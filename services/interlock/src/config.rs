@@ -29,6 +29,11 @@ pub struct InterlockConfig {
     /// Evaluation and publication timing.
     #[serde(default)]
     pub timing: Timing,
+    /// The secret that signs `<name>/permits` (HMAC-SHA256; created, mode 0600, if
+    /// missing). Every service that obeys the permit reads the same file. Relative to
+    /// this file; the environment variable `DCS_PERMIT_KEY` (the key text) overrides it.
+    #[serde(default)]
+    pub permit_key_file: Option<std::path::PathBuf>,
     /// Broker settings when run alone (`dcs up` passes the stack's).
     #[serde(default)]
     pub mqtt: MqttSettings,
@@ -232,6 +237,10 @@ pub struct Timing {
     pub evaluate_ms: u64,
     /// Latched alarms and the status are republished this often.
     pub republish_secs: f64,
+    /// The permit is signed again this often even when unchanged, so that its
+    /// readers can tell a live interlock from a stale permit (keep it well below
+    /// caen-fsm's `safety.permit_max_age_secs`, 30 s by default).
+    pub permit_secs: f64,
 }
 
 impl Default for Timing {
@@ -239,6 +248,7 @@ impl Default for Timing {
         Timing {
             evaluate_ms: 250,
             republish_secs: 60.0,
+            permit_secs: 10.0,
         }
     }
 }
@@ -291,6 +301,15 @@ fn secs_ok(v: f64, zero_ok: bool) -> bool {
     v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0)) && v <= MAX_SECS
 }
 
+impl InterlockConfig {
+    /// Makes relative paths relative to the config file.
+    pub fn resolve_paths(&mut self, config_file: &std::path::Path) {
+        if let Some(f) = &self.permit_key_file {
+            self.permit_key_file = Some(dcs_shared::config::relative_to(config_file, f));
+        }
+    }
+}
+
 impl Validate for InterlockConfig {
     fn validate(&self) -> Result<(), (String, String)> {
         let err = |k: String, m: String| Err((k, m));
@@ -321,6 +340,12 @@ impl Validate for InterlockConfig {
         }
         if self.timing.evaluate_ms == 0 || self.timing.evaluate_ms > 10_000 {
             return err("timing.evaluate_ms".into(), "must be 1 .. 10000".into());
+        }
+        if !(self.timing.permit_secs >= 1.0 && self.timing.permit_secs <= 60.0) {
+            return err(
+                "timing.permit_secs".into(),
+                "must be 1 .. 60 (a permit readers see as stale is a refusal)".into(),
+            );
         }
         if !(secs_ok(self.timing.republish_secs, false) && self.timing.republish_secs >= 1.0) {
             return err(

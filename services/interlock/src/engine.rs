@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use dcs_shared::permit::{self, PermitKey};
 use dcs_shared::UtcNanos;
 use serde_json::{json, Value as Json};
 
@@ -51,11 +52,22 @@ pub struct Interlock {
     republish_every: Duration,
     last_republish: Instant,
     published: BTreeMap<String, String>,
+    permit: PermitSigner,
+}
+
+/// Signs `<name>/permits`: again whenever it changes and every `every` when it does not.
+struct PermitSigner {
+    key: PermitKey,
+    boot: UtcNanos,
+    seq: u64,
+    every_ns: i64,
+    last: Option<(String, UtcNanos)>,
 }
 
 impl Interlock {
-    /// Builds the interlock at `now`.
-    pub fn new(cfg: &InterlockConfig, now: Instant) -> Self {
+    /// Builds the interlock at `now` (`boot`: the same instant, wall clock), signing
+    /// its permits with `key`.
+    pub fn new(cfg: &InterlockConfig, now: Instant, boot: UtcNanos, key: PermitKey) -> Self {
         let inputs = Inputs::new(&cfg.inputs, now);
         let rules: Vec<Rule> = cfg
             .rules
@@ -94,6 +106,13 @@ impl Interlock {
             republish_every: Duration::from_secs_f64(cfg.timing.republish_secs),
             last_republish: now,
             published: BTreeMap::new(),
+            permit: PermitSigner {
+                key,
+                boot,
+                seq: 0,
+                every_ns: (cfg.timing.permit_secs * 1e9) as i64,
+                last: None,
+            },
         }
     }
 
@@ -103,7 +122,9 @@ impl Interlock {
         f.extend(self.plant.filters());
         f.push("+/online".into());
         f.push(format!("{}/+", self.alarm_prefix));
-        f.push(format!("{}/cmd/#", self.alarm_prefix));
+        // `cmd/+`, not `cmd/#`: `alarms/cmd` itself matches `alarms/+` already, and a
+        // broker delivers a message once per matching filter (two replies).
+        f.push(format!("{}/cmd/+", self.alarm_prefix));
         f.push(format!("{}/cmd/#", self.name));
         f.sort();
         f.dedup();
@@ -214,6 +235,7 @@ impl Interlock {
     pub fn republish(&mut self, wall: UtcNanos) -> Vec<Effect> {
         self.last_republish = Instant::now();
         self.published.clear();
+        self.permit.last = None;
         let mut out = Vec::new();
         for i in 0..self.rules.len() {
             out.push(self.alarm_effect(i, wall));
@@ -370,7 +392,8 @@ impl Interlock {
                 reasons.push(format!("{}: {why}", r.name));
             }
         }
-        let permits = json!({"lv_on": reasons.is_empty(), "reasons": reasons});
+        let lv_on = reasons.is_empty();
+        self.sign_permit(lv_on, reasons, wall, out);
         let mut counts = [0u32; 3];
         let mut worst: Option<Severity> = None;
         let mut by_rule = serde_json::Map::new();
@@ -397,12 +420,11 @@ impl Interlock {
         });
         let status = json!({
             "state": self.state(),
-            "lv_on_permitted": permits["lv_on"],
+            "lv_on_permitted": lv_on,
             "conditions": conditions,
             "malformed_inputs": self.inputs.malformed_total(),
         });
         for (topic, mut doc) in [
-            (format!("{}/permits", self.name), permits),
             (format!("{}/summary", self.alarm_prefix), summary),
             (format!("{}/status", self.name), status),
         ] {
@@ -418,12 +440,53 @@ impl Interlock {
             });
         }
     }
+
+    /// Signs and publishes the permit when it changed, or when the last signature is
+    /// `permit_secs` old (a permit nobody re-signs goes stale at its readers).
+    fn sign_permit(
+        &mut self,
+        lv_on: bool,
+        reasons: Vec<String>,
+        wall: UtcNanos,
+        out: &mut Vec<Effect>,
+    ) {
+        let s = &mut self.permit;
+        let key = json!([lv_on, reasons]).to_string();
+        let due = match &s.last {
+            None => true,
+            Some((k, at)) => {
+                *k != key || wall.as_nanos().saturating_sub(at.as_nanos()) >= s.every_ns
+            }
+        };
+        if !due {
+            return;
+        }
+        s.seq += 1;
+        s.last = Some((key, wall));
+        let p = permit::Permit {
+            lv_on,
+            reasons,
+            time: wall,
+            boot_ns: s.boot.as_nanos(),
+            seq: s.seq,
+        };
+        let topic = format!("{}/permits", self.name);
+        let doc = permit::sign(&s.key, &topic, &p);
+        out.push(Effect::State {
+            topic,
+            payload: doc.to_string(),
+        });
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::Path;
+
+    fn key() -> PermitKey {
+        PermitKey::from_text("interlock engine test key").unwrap()
+    }
 
     fn engine() -> (Interlock, Instant) {
         let cfg: InterlockConfig = dcs_shared::config::from_str(
@@ -449,7 +512,7 @@ rules:
         )
         .unwrap();
         let t0 = Instant::now();
-        (Interlock::new(&cfg, t0), t0)
+        (Interlock::new(&cfg, t0, UtcNanos::now(), key()), t0)
     }
 
     fn states(e: &[Effect]) -> BTreeMap<String, Json> {
@@ -553,5 +616,44 @@ rules:
             .0
             .unwrap_err()
             .contains("rules: cooling, dew_point"));
+    }
+
+    #[test]
+    fn permits_are_signed_in_sequence_and_resigned_when_unchanged() {
+        let (mut e, t0) = engine();
+        let wall = UtcNanos(1_000_000_000_000);
+        let mut v = dcs_shared::permit::Verifier::new(key(), 30.0);
+        let permits = |out: &[Effect]| -> Vec<String> {
+            out.iter()
+                .filter_map(|e| match e {
+                    Effect::State { topic, payload } if topic == "interlock/permits" => {
+                        Some(payload.clone())
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let first = permits(&e.republish(wall));
+        assert_eq!(first.len(), 1);
+        let p = v
+            .accept("interlock/permits", first[0].as_bytes(), wall)
+            .unwrap();
+        assert!(!p.lv_on, "no values yet: {p:?}");
+        assert_eq!(p.seq, 1);
+        // Unchanged: not signed again before permit_secs (10 s by default) ...
+        let soon = UtcNanos(wall.as_nanos() + 9_000_000_000);
+        assert!(permits(&e.tick(t0, soon)).is_empty());
+        // ... and signed again, newer, once it is due.
+        let later = UtcNanos(wall.as_nanos() + 10_000_000_000);
+        let again = permits(&e.tick(t0, later));
+        assert_eq!(again.len(), 1);
+        let p2 = v
+            .accept("interlock/permits", again[0].as_bytes(), later)
+            .unwrap();
+        assert_eq!((p2.seq, p2.lv_on, &p2.reasons), (2, false, &p.reasons));
+        // A replay of the first is refused by a reader.
+        assert!(v
+            .accept("interlock/permits", first[0].as_bytes(), later)
+            .is_err());
     }
 }

@@ -21,13 +21,14 @@ struct Args {
 async fn main() -> ExitCode {
     dcs_shared::logging::init("info");
     let args = Args::parse();
-    let cfg = match dcs_shared::config::load::<interlock::InterlockConfig>(&args.config) {
+    let mut cfg = match dcs_shared::config::load::<interlock::InterlockConfig>(&args.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("interlock: {e}");
             return ExitCode::from(2);
         }
     };
+    cfg.resolve_paths(&args.config);
     if args.check {
         println!(
             "interlock: {} OK ({} rules, {} inputs)",

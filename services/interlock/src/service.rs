@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use dcs_shared::command;
+use dcs_shared::permit::PermitKey;
 use dcs_shared::shutdown::CancellationToken;
 use dcs_shared::{MqttSettings, QoS, Reply, Session, SessionEvent, SessionOptions, UtcNanos};
 
@@ -33,7 +34,9 @@ pub async fn run(
     mqtt: MqttSettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut engine = Interlock::new(&cfg, Instant::now());
+    let key = PermitKey::from_env_or_file(cfg.permit_key_file.as_deref(), true)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut engine = Interlock::new(&cfg, Instant::now(), UtcNanos::now(), key);
     let mut options = SessionOptions::new(&cfg.name);
     for f in engine.filters() {
         options = options.subscribe(&f, QoS::AtLeastOnce);
