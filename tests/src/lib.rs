@@ -244,6 +244,15 @@ impl Broker {
     /// Like [`Broker::start`]; `dcs_limits` is the YAML body of `limits:` for dcs-broker
     /// (`"{segment_size: 104857600}"`), ignored for Mosquitto.
     pub fn start_with(kind: BrokerKind, dcs_limits: &str) -> Broker {
+        Self::start_inner(kind, dcs_limits, "")
+    }
+
+    /// Mosquitto with extra lines in its config (`"set_tcp_nodelay true\n"`).
+    pub fn start_mosquitto(extra_conf: &str) -> Broker {
+        Self::start_inner(BrokerKind::Mosquitto, "", extra_conf)
+    }
+
+    fn start_inner(kind: BrokerKind, dcs_limits: &str, mosquitto_extra: &str) -> Broker {
         let limits = if dcs_limits.is_empty() {
             String::new()
         } else {
@@ -271,7 +280,7 @@ impl Broker {
                 format!(
                     "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\nlog_dest stderr\n\
                      # Queue for persistent sessions while their client is away (default 1000).\n\
-                     max_queued_messages 1000000\n",
+                     max_queued_messages 1000000\n{mosquitto_extra}",
                     dir.path().join("users.passwd").display()
                 ),
             ),
@@ -491,5 +500,31 @@ impl Observer {
             .publish_bytes(topic, rumqttc::QoS::AtLeastOnce, false, payload.into())
             .await
             .expect("publish");
+    }
+}
+
+/// Connects once with `id`, `user`, `pass` (and a last will) and returns whether the
+/// broker accepted the CONNECT, or what happened instead.
+pub async fn connack(
+    port: u16,
+    id: &str,
+    user: &str,
+    pass: &str,
+    will: Option<rumqttc::LastWill>,
+) -> Result<(), String> {
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5))
+        .set_credentials(user, pass);
+    if let Some(w) = will {
+        o.set_last_will(w);
+    }
+    let (_client, mut el) = rumqttc::AsyncClient::new(o, 10);
+    match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+        Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(c))))
+            if c.code == rumqttc::ConnectReturnCode::Success =>
+        {
+            Ok(())
+        }
+        other => Err(format!("{other:?}")),
     }
 }

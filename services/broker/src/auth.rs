@@ -99,6 +99,11 @@ impl PasswordFile {
         self.users.is_empty()
     }
 
+    /// Whether `user` is an account of the file.
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
     /// Whether `password` is right for `user`. Unknown users take as long as known ones.
     pub fn verify(&self, user: &str, password: &str) -> bool {
         match self.users.get(user) {

@@ -6,6 +6,8 @@
 
 pub mod auth;
 pub mod config;
+pub mod front;
+pub mod proxy;
 pub mod server;
 
 pub use config::BrokerConfig;

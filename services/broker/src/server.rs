@@ -13,12 +13,15 @@ use serde_json::json;
 
 use crate::auth::PasswordFile;
 use crate::config::BrokerConfig;
+use crate::proxy;
 
 /// A broker that is accepting connections.
 #[derive(Debug)]
 pub struct RunningBroker {
-    /// Listener kind (`mqtt`, `mqtt5`, `websocket`) and address, all verified listening.
+    /// Listener kind (`mqtt`, `mqtt5`, `websocket`) and address, all listening.
     pub listeners: Vec<(&'static str, SocketAddr)>,
+    /// rumqttd's own listeners on 127.0.0.1 (`mqtt`, `mqtt5`), behind the front end.
+    pub internal: Vec<(&'static str, SocketAddr)>,
 }
 
 /// Starts the broker and returns once every listener accepts connections.
@@ -62,25 +65,25 @@ pub fn start(config: &BrokerConfig, config_file: Option<&Path>) -> anyhow::Resul
 
     let listeners = config.listeners.all();
     for (kind, addr) in &listeners {
-        // rumqttd only logs a failed bind from its own thread; find out here, clearly.
+        // Fail before starting anything when a port is taken.
         TcpListener::bind(addr)
             .with_context(|| format!("cannot listen on {addr} ({kind} listener)"))?;
     }
 
-    let mut rconfig = rumqttd_config(config)?;
-    if let Some(users) = users {
-        let servers = [&mut rconfig.v4, &mut rconfig.v5, &mut rconfig.ws];
-        for settings in servers.into_iter().flatten().flat_map(|m| m.values_mut()) {
+    // rumqttd listens on loopback only; clients reach it through the front end
+    // (crate::proxy), which owns the public listeners.
+    let internal = Internal {
+        v4: proxy::free_loopback_port()?,
+        v5: proxy::free_loopback_port()?,
+    };
+    let mut rconfig = rumqttd_config(config, &internal)?;
+    let servers = [&mut rconfig.v4, &mut rconfig.v5];
+    for settings in servers.into_iter().flatten().flat_map(|m| m.values_mut()) {
+        if let Some(users) = &users {
             let users = users.clone();
             settings.set_auth_handler(move |client_id: String, user: String, pass: String| {
                 let users = users.clone();
-                async move {
-                    let ok = users.verify(&user, &pass);
-                    if !ok {
-                        tracing::warn!(%client_id, %user, "MQTT login refused");
-                    }
-                    ok
-                }
+                async move { login_allowed(&users, &client_id, &user, &pass) }
             });
         }
     }
@@ -99,21 +102,71 @@ pub fn start(config: &BrokerConfig, config_file: Option<&Path>) -> anyhow::Resul
         })
         .context("cannot start the broker thread")?;
 
+    // Every internal listener up and with TCP_NODELAY before any client can connect.
+    for addr in [internal.v4, internal.v5] {
+        wait_bound(addr, Duration::from_secs(10))
+            .with_context(|| format!("rumqttd's internal listener on {addr} did not come up"))?;
+        proxy::set_nodelay_on_own_listener(addr)?;
+    }
+
+    let upstream = Arc::new(proxy::Upstream {
+        v4: internal.v4,
+        v5: internal.v5,
+        max_packet: config.limits.max_payload_size,
+        connect_timeout: Duration::from_millis(u64::from(config.limits.connection_timeout_ms)),
+    });
+    let mut bound = Vec::new();
     for (kind, addr) in &listeners {
-        wait_bound(*addr, Duration::from_secs(10))
-            .with_context(|| format!("{kind} listener on {addr} did not come up"))?;
-        tracing::info!(listener = kind, %addr, "listening");
+        let listener = proxy::bind(*addr)
+            .with_context(|| format!("cannot listen on {addr} ({kind} listener)"))?;
+        let kind = match *kind {
+            "mqtt" => proxy::Kind::Mqtt,
+            "mqtt5" => proxy::Kind::Mqtt5,
+            _ => proxy::Kind::Websocket,
+        };
+        bound.push((kind, listener));
+    }
+    for (kind, listener) in bound {
+        tracing::info!(listener = kind.name(), addr = %listener.local_addr()?, "listening");
+        tokio::spawn(proxy::serve(listener, kind, upstream.clone()));
     }
 
     if config.meters_interval_secs > 0 {
         let every = Duration::from_secs(config.meters_interval_secs);
         tokio::spawn(report_meters(meters, stats_tx, every));
     }
-    Ok(RunningBroker { listeners })
+    Ok(RunningBroker {
+        listeners,
+        internal: vec![("mqtt", internal.v4), ("mqtt5", internal.v5)],
+    })
+}
+
+/// rumqttd's own (loopback) listeners.
+struct Internal {
+    v4: SocketAddr,
+    v5: SocketAddr,
+}
+
+/// The auth handler: the password must match, and a client id that is the name of an
+/// account may only be used by that account (nobody but the interlock's account can
+/// connect as `interlock`, and so take over its session or publish its will).
+pub fn login_allowed(users: &PasswordFile, client_id: &str, user: &str, pass: &str) -> bool {
+    if !users.verify(user, pass) {
+        tracing::warn!(%client_id, %user, "MQTT login refused: wrong username or password");
+        return false;
+    }
+    if client_id != user && users.contains(client_id) {
+        tracing::warn!(
+            %client_id, %user,
+            "MQTT login refused: client id `{client_id}` is bound to the account of that name"
+        );
+        return false;
+    }
+    true
 }
 
 /// rumqttd's `Config` has private fields (metrics), so it is built by deserialising.
-fn rumqttd_config(c: &BrokerConfig) -> anyhow::Result<rumqttd::Config> {
+fn rumqttd_config(c: &BrokerConfig, internal: &Internal) -> anyhow::Result<rumqttd::Config> {
     let l = &c.limits;
     let server = |name: &str, addr: SocketAddr| {
         json!({"1": {
@@ -137,15 +190,8 @@ fn rumqttd_config(c: &BrokerConfig) -> anyhow::Result<rumqttd::Config> {
             "max_segment_count": l.segment_count,
         },
     });
-    if let Some(a) = c.listeners.mqtt {
-        value["v4"] = server("mqtt", a);
-    }
-    if let Some(a) = c.listeners.mqtt5 {
-        value["v5"] = server("mqtt5", a);
-    }
-    if let Some(a) = c.listeners.websocket {
-        value["ws"] = server("websocket", a);
-    }
+    value["v4"] = server("mqtt", internal.v4);
+    value["v5"] = server("mqtt5", internal.v5);
     if c.meters_interval_secs > 0 {
         // rumqttd 0.20's timer thread panics unless both kinds are configured.
         let every = json!({"push_interval": c.meters_interval_secs});
