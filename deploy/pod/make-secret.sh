@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Creates the MQTT credentials of a pod, never in the repo:
-#  - the podman secret `tracker-dcs-mqtt` (keys: username, password: the services'
-#    account `dcs`; passwd: the broker's password file with `dcs` and `operator`;
+#  - the podman secret `tracker-dcs-mqtt` (keys: <account>-password for each service
+#    account, named as the service's MQTT client id so that dcs-broker reserves that
+#    id to it: dcs (caen-fsm), julabo, interlock, telemetry, env-sim, ph2acf;
+#    passwd: the broker's password file with those accounts and `operator`;
 #    operator-password (the Node-RED panel logs in as `operator`);
+#    permit-key: the key interlock/permits is signed with (interlock, caen-fsm);
 #    influxdb-admin-password, influxdb-password (user `telemetry`),
 #    grafana-admin-password, mongodb-password (user `admin`): used by
 #    tracker-dcs.yaml);
@@ -31,14 +34,19 @@ podman image exists "$image" || { echo "make-secret: no $image: run deploy/build
 
 random() { head -c 18 /dev/urandom | base64 | tr '+/' '-_'; }
 hash() { printf '%s\n' "$2" | podman run --rm -i --network none "$image" --hash-user "$1"; }
-service_pw=$(random); operator_pw=$(random)
-passwd="$(hash dcs "$service_pw")
-$(hash operator "$operator_pw")
-"
+accounts=(dcs julabo interlock telemetry env-sim ph2acf)
+operator_pw=$(random)
+keys=(); values=(); passwd=""
+for a in "${accounts[@]}"; do
+  pw=$(random)
+  keys+=("$a-password"); values+=("$pw")
+  passwd+="$(hash "$a" "$pw")"$'\n'
+done
+passwd+="$(hash operator "$operator_pw")"$'\n'
 b64() { printf '%s' "$1" | base64 -w0; }
 
-keys=(username password passwd operator-password influxdb-admin-password influxdb-password grafana-admin-password mongodb-password)
-values=(dcs "$service_pw" "$passwd" "$operator_pw" "$(random)" "$(random)" "$(random)" "$(random)")
+keys+=(passwd operator-password permit-key influxdb-admin-password influxdb-password grafana-admin-password mongodb-password)
+values+=("$passwd" "$operator_pw" "$(head -c 32 /dev/urandom | base64)" "$(random)" "$(random)" "$(random)" "$(random)")
 
 umask 077
 mkdir -p "$out"

@@ -41,9 +41,13 @@ def docs(path: Path) -> list[dict]:
 
 
 def secret_keys() -> set[str]:
-    m = re.search(r"^keys=\(([^)]*)\)", (POD_DIR / "make-secret.sh").read_text(), re.M)
-    assert m, "make-secret.sh lists its keys in keys=(...)"
-    return set(m.group(1).split())
+    """The Secret's keys as make-secret.sh writes them: one `<account>-password` per
+    service account in accounts=(...), then the fixed keys of keys+=(...)."""
+    text = (POD_DIR / "make-secret.sh").read_text()
+    accounts = re.search(r"^accounts=\(([^)]*)\)", text, re.M)
+    fixed = re.search(r"^keys\+=\(([^)]*)\)", text, re.M)
+    assert accounts and fixed, "make-secret.sh lists accounts=(...) and keys+=(...)"
+    return {f"{a}-password" for a in accounts.group(1).split()} | set(fixed.group(1).split())
 
 
 @pytest.mark.parametrize("path", POD_FILES, ids=lambda p: p.name)

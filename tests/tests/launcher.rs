@@ -181,6 +181,28 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
     })
     .await
     .expect("LV refused while the chiller is stopped");
+    // Each service logs in with an account of its own, named as its client id: the
+    // stack's account cannot connect as `interlock`, and a permit it publishes is not
+    // obeyed (it is not signed with the interlock's key).
+    for id in ["interlock", "julabo", "telemetry", "env-sim", "ph2acf"] {
+        let f = dir.path().join(format!("state/mqtt-{id}.secret"));
+        assert!(f.exists(), "no account for {id}: {}", f.display());
+    }
+    let r = dcs_integration_tests::connack(p4, "interlock", "alice", secret.trim(), None).await;
+    assert!(r.is_err(), "the stack account connected as `interlock`");
+    o.publish_acked("interlock/permits", true, r#"{"lv_on":true,"reasons":[]}"#)
+        .await;
+    let mut r = Observer::connect_as(p4, "op", "alice", secret.trim(), &["dcs/reply"]).await;
+    r.publish("dcs/cmd/switch/lv", "on").await;
+    let reply = r
+        .next_on("dcs/reply", WAIT)
+        .await
+        .expect("a reply to LV on");
+    assert!(
+        reply.payload.contains("\"ok\":false") && reply.payload.contains("not a permit"),
+        "{}",
+        reply.payload
+    );
     // The launcher publishes as components start: wait for the one listing them all.
     const ALL: [&str; 10] = [
         "broker",

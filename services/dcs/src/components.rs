@@ -31,7 +31,7 @@ pub const BROKER: Component = Component {
         {
             stack.mqtt.resolve_password().map_err(anyhow::Error::msg)?;
         }
-        Ok(())
+        Ok(None)
     },
     run: run_broker,
 };
@@ -69,11 +69,12 @@ fn load<T: serde::de::DeserializeOwned + dcs_shared::Validate>(
 pub const JULABO: Component = Component {
     name: "julabo",
     kind: Kind::Service,
-    check: |_, file| load::<julabo::JulaboConfig>("julabo", file).map(drop),
+    check: |_, file| load::<julabo::JulaboConfig>("julabo", file).map(|c| Some(c.name)),
     run: |stack, file, shutdown| {
         Box::pin(async move {
             let cfg = load::<julabo::JulaboConfig>("julabo", file.as_deref())?;
-            julabo::service::run(cfg, stack.mqtt, shutdown).await
+            let mqtt = stack.mqtt_for(&cfg.name);
+            julabo::service::run(cfg, mqtt, shutdown).await
         })
     },
 };
@@ -82,11 +83,12 @@ pub const JULABO: Component = Component {
 pub const CAEN: Component = Component {
     name: "caen-fsm",
     kind: Kind::Service,
-    check: |_, file| load::<caen::CaenConfig>("caen-fsm", file).map(drop),
+    check: |_, file| load::<caen::CaenConfig>("caen-fsm", file).map(|c| Some(c.name)),
     run: |stack, file, shutdown| {
         Box::pin(async move {
             let cfg = load::<caen::CaenConfig>("caen-fsm", file.as_deref())?;
-            caen::run(cfg, file, stack.mqtt, shutdown).await
+            let mqtt = stack.mqtt_for(&cfg.name);
+            caen::run(cfg, file, mqtt, shutdown).await
         })
     },
 };
@@ -95,7 +97,7 @@ pub const CAEN: Component = Component {
 pub const CAEN_SIM: Component = Component {
     name: "caen-sim",
     kind: Kind::Simulator,
-    check: |_, file| load_caen_sim(file).map(drop),
+    check: |_, file| load_caen_sim(file).map(|_| None),
     run: |_, file, shutdown| {
         Box::pin(async move {
             let cfg = load_caen_sim(file.as_deref())?;
@@ -116,7 +118,7 @@ fn load_caen_sim(file: Option<&Path>) -> anyhow::Result<caen_sim::SimConfig> {
 pub const JULABO_SIM: Component = Component {
     name: "julabo-sim",
     kind: Kind::Simulator,
-    check: |_, file| load::<julabo_sim::SimConfig>("julabo-sim", file).map(drop),
+    check: |_, file| load::<julabo_sim::SimConfig>("julabo-sim", file).map(|_| None),
     run: |_, file, shutdown| {
         Box::pin(async move {
             let cfg = load::<julabo_sim::SimConfig>("julabo-sim", file.as_deref())?;
@@ -129,11 +131,15 @@ pub const JULABO_SIM: Component = Component {
 pub const INTERLOCK: Component = Component {
     name: "interlock",
     kind: Kind::Service,
-    check: |_, file| load::<interlock::InterlockConfig>("interlock", file).map(drop),
+    check: |_, file| load::<interlock::InterlockConfig>("interlock", file).map(|c| Some(c.name)),
     run: |stack, file, shutdown| {
         Box::pin(async move {
-            let cfg = load::<interlock::InterlockConfig>("interlock", file.as_deref())?;
-            interlock::service::run(cfg, stack.mqtt, shutdown).await
+            let mut cfg = load::<interlock::InterlockConfig>("interlock", file.as_deref())?;
+            if let Some(f) = file.as_deref() {
+                cfg.resolve_paths(f);
+            }
+            let mqtt = stack.mqtt_for(&cfg.name);
+            interlock::service::run(cfg, mqtt, shutdown).await
         })
     },
 };
@@ -142,11 +148,12 @@ pub const INTERLOCK: Component = Component {
 pub const ENV_SIM: Component = Component {
     name: "env-sim",
     kind: Kind::Simulator,
-    check: |_, file| load::<env_sim::EnvSimConfig>("env-sim", file).map(drop),
+    check: |_, file| load::<env_sim::EnvSimConfig>("env-sim", file).map(|c| Some(c.name)),
     run: |stack, file, shutdown| {
         Box::pin(async move {
             let cfg = load::<env_sim::EnvSimConfig>("env-sim", file.as_deref())?;
-            env_sim::run(cfg, stack.mqtt, shutdown).await
+            let mqtt = stack.mqtt_for(&cfg.name);
+            env_sim::run(cfg, mqtt, shutdown).await
         })
     },
 };
@@ -155,11 +162,12 @@ pub const ENV_SIM: Component = Component {
 pub const TELEMETRY: Component = Component {
     name: "telemetry",
     kind: Kind::Service,
-    check: |_, file| load_telemetry(file).map(drop),
+    check: |_, file| load_telemetry(file).map(|c| Some(c.name)),
     run: |stack, file, shutdown| {
         Box::pin(async move {
             let cfg = load_telemetry(file.as_deref())?;
-            telemetry::service::run(cfg, stack.mqtt, shutdown).await
+            let mqtt = stack.mqtt_for(&cfg.name);
+            telemetry::service::run(cfg, mqtt, shutdown).await
         })
     },
 };
@@ -176,11 +184,12 @@ fn load_telemetry(file: Option<&Path>) -> anyhow::Result<telemetry::TelemetryCon
 pub const PH2ACF: Component = Component {
     name: "ph2acf-bridge",
     kind: Kind::Service,
-    check: |_, file| load_ph2acf(file).map(drop),
+    check: |_, file| load_ph2acf(file).map(|c| Some(c.name)),
     run: |stack, file, shutdown| {
         Box::pin(async move {
             let cfg = load_ph2acf(file.as_deref())?;
-            ph2acf::service::run(cfg, stack.mqtt, shutdown).await
+            let mqtt = stack.mqtt_for(&cfg.name);
+            ph2acf::service::run(cfg, mqtt, shutdown).await
         })
     },
 };
@@ -195,7 +204,7 @@ pub fn load_ph2acf(file: Option<&Path>) -> anyhow::Result<ph2acf::BridgeConfig> 
 pub const PH2ACF_SIM: Component = Component {
     name: "ph2acf-sim",
     kind: Kind::Simulator,
-    check: |_, file| load_ph2acf_sim(file).map(drop),
+    check: |_, file| load_ph2acf_sim(file).map(|_| None),
     run: |_, file, shutdown| {
         Box::pin(async move {
             let cfg = load_ph2acf_sim(file.as_deref())?;

@@ -93,7 +93,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Cmd::Up { config, simulate } => runtime.block_on(up(&config, simulate)),
-        Cmd::Check { config } => check(&config).map(|summary| println!("{summary}")),
+        Cmd::Check { config } => check(&config).map(|(summary, _)| println!("{summary}")),
         Cmd::Run {
             runs:
                 Some(Runs::Show {
@@ -121,25 +121,31 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads the stack and checks every enabled component's config; returns a summary.
-fn check(path: &Path) -> anyhow::Result<String> {
+/// Loads the stack and checks every enabled component's config; returns a summary and
+/// the MQTT client ids the components connect with.
+fn check(path: &Path) -> anyhow::Result<(String, Vec<String>)> {
     let stack = StackConfig::load(path)?;
     let mut names = Vec::new();
+    let mut ids = Vec::new();
     for (component, file) in stack.enabled(true) {
-        (component.check)(&stack, file.as_deref()).map_err(|e| {
+        let id = (component.check)(&stack, file.as_deref()).map_err(|e| {
             anyhow::anyhow!("{} `{}`: {e:#}", component.kind.noun(), component.name)
         })?;
         names.push(component.name);
+        ids.extend(id);
     }
-    Ok(format!("{}: OK ({})", path.display(), names.join(", ")))
+    Ok((
+        format!("{}: OK ({})", path.display(), names.join(", ")),
+        ids,
+    ))
 }
 
 async fn up(path: &Path, simulate: bool) -> anyhow::Result<()> {
-    let summary = check(path)?;
+    let (summary, client_ids) = check(path)?;
     let stack = StackConfig::load(path)?;
     let stack_path = std::path::absolute(path)?;
     tracing::info!("{summary}");
-    if let Some(said) = stack::ensure_service_account(&stack)? {
+    for said in stack::ensure_service_accounts(&stack, &client_ids)? {
         println!("dcs: {said}");
     }
     let mut signals = dcs_shared::shutdown::Signals::install();

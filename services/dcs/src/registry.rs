@@ -45,7 +45,9 @@ pub struct Component {
     /// When it runs.
     pub kind: Kind,
     /// Checks the component's own config file; used by `dcs check` and before `dcs up`.
-    pub check: fn(&StackConfig, Option<&Path>) -> anyhow::Result<()>,
+    /// Returns the MQTT client id the component connects with (None: no MQTT), which
+    /// `dcs up` makes an account of its own.
+    pub check: fn(&StackConfig, Option<&Path>) -> anyhow::Result<Option<String>>,
     /// Runs the component in this process until `shutdown` is cancelled.
     pub run: fn(StackConfig, Option<PathBuf>, CancellationToken) -> RunFuture,
 }

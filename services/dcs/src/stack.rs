@@ -130,30 +130,91 @@ impl StackConfig {
     }
 }
 
-/// Makes sure the services' MQTT account exists when the stack runs its own broker:
-/// on first start a random password is written to `mqtt.password_file` (mode 0600) and
-/// its hash added to the broker's password file. Returns a line describing what it did.
-pub fn ensure_service_account(stack: &StackConfig) -> anyhow::Result<Option<String>> {
+impl StackConfig {
+    /// Whether each service logs in with an account of its own, named as its MQTT
+    /// client id: when the stack runs its own broker and generates the stack account's
+    /// password (not when a password is given, e.g. for an external broker).
+    fn own_accounts(&self) -> bool {
+        self.broker.is_some()
+            && self.mqtt.username.is_some()
+            && self.mqtt.password.is_none()
+            && self.mqtt.password_file.is_some()
+    }
+
+    /// The file holding the generated password of account `id`.
+    pub fn account_secret(&self, id: &str) -> PathBuf {
+        self.state_dir.join(format!("mqtt-{id}.secret"))
+    }
+
+    /// The MQTT settings of a component connecting with client id `client_id`: its own
+    /// account of that name when the stack generates accounts (dcs-broker then lets
+    /// nobody else use that client id), else the stack's.
+    pub fn mqtt_for(&self, client_id: &str) -> MqttSettings {
+        let mut m = self.mqtt.clone();
+        if self.own_accounts()
+            && m.username.as_deref() != Some(client_id)
+            && account_name_ok(client_id)
+        {
+            m.username = Some(client_id.to_string());
+            m.password_file = Some(self.account_secret(client_id));
+        }
+        m
+    }
+}
+
+/// A client id usable as an account and file name.
+fn account_name_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Makes sure the MQTT accounts exist when the stack runs its own broker: the stack's
+/// (`mqtt.username`, used by the launcher and tools) and one per service client id in
+/// `client_ids`, so that dcs-broker reserves each id to its service. On first start a
+/// random password is written to the account's secret file (mode 0600) and its hash
+/// added to the broker's password file. Returns a line for each account it changed.
+pub fn ensure_service_accounts(
+    stack: &StackConfig,
+    client_ids: &[String],
+) -> anyhow::Result<Vec<String>> {
     let Some(broker) = &stack.broker else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
     let (Some(user), Some(secret_file), Some(passwd_file)) = (
         stack.mqtt.username.as_deref(),
         stack.mqtt.password_file.as_deref(),
         broker.auth.password_file.as_deref(),
     ) else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
-    if stack.mqtt.password.is_some() {
-        return Ok(None);
+    if !stack.own_accounts() {
+        return Ok(Vec::new());
     }
+    let mut said = Vec::new();
+    said.extend(ensure_account(user, secret_file, passwd_file)?);
+    let mut done = std::collections::BTreeSet::from([user.to_string()]);
+    for id in client_ids {
+        if account_name_ok(id) && done.insert(id.clone()) {
+            said.extend(ensure_account(id, &stack.account_secret(id), passwd_file)?);
+        }
+    }
+    Ok(said)
+}
+
+/// Makes sure `user` has a password in `secret_file` and its hash in `passwd_file`.
+fn ensure_account(
+    user: &str,
+    secret_file: &Path,
+    passwd_file: &Path,
+) -> anyhow::Result<Option<String>> {
     let mut created = false;
     let password = if secret_file.exists() {
-        stack
-            .mqtt
-            .resolve_password()
-            .map_err(anyhow::Error::msg)?
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(secret_file)
+            .with_context(|| format!("cannot read MQTT password file {}", secret_file.display()))?;
+        text.lines().next().unwrap_or("").to_string()
     } else {
         use rand::distributions::{Alphanumeric, DistString};
         let pw = Alphanumeric.sample_string(&mut rand::thread_rng(), 32);
@@ -244,22 +305,39 @@ mod tests {
         )
         .unwrap();
         let stack = StackConfig::load(&f).unwrap();
-        let said = ensure_service_account(&stack).unwrap().unwrap();
-        assert!(said.contains("MQTT account `dcs`"), "{said}");
+        let ids = [
+            "interlock".to_string(),
+            "dcs".to_string(),
+            "bad/id".to_string(),
+        ];
+        let said = ensure_service_accounts(&stack, &ids).unwrap();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert!(said[0].contains("MQTT account `dcs`"), "{said:?}");
+        assert!(said[1].contains("MQTT account `interlock`"), "{said:?}");
         let secret = dir.path().join("s/secret");
         let mode = std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let pw = std::fs::read_to_string(&secret).unwrap();
         let users = dcs_broker::auth::PasswordFile::load(&dir.path().join("s/passwd")).unwrap();
         assert!(users.verify("dcs", pw.trim()));
+        // The interlock logs in with its own account, the FSM (client id `dcs`) with the
+        // stack's; an id that cannot be a file name keeps the stack's.
+        let own = stack.mqtt_for("interlock");
+        assert_eq!(own.username.as_deref(), Some("interlock"));
+        let ipw = own.resolve_password().unwrap().unwrap();
+        assert!(users.verify("interlock", &ipw) && !users.verify("interlock", pw.trim()));
+        assert_eq!(stack.mqtt_for("dcs").username.as_deref(), Some("dcs"));
+        assert_eq!(stack.mqtt_for("bad/id").username.as_deref(), Some("dcs"));
         // Second start: nothing to do, same password.
-        assert_eq!(ensure_service_account(&stack).unwrap(), None);
+        assert!(ensure_service_accounts(&stack, &ids).unwrap().is_empty());
         assert_eq!(std::fs::read_to_string(&secret).unwrap(), pw);
         // A password file we cannot parse is reported, never overwritten.
         let passwd = dir.path().join("s/passwd");
         std::fs::write(&passwd, "operator:plaintext\n").unwrap();
         std::fs::write(&secret, "other\n").unwrap();
-        let e = ensure_service_account(&stack).unwrap_err().to_string();
+        let e = ensure_service_accounts(&stack, &ids)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 1"), "{e}");
         assert_eq!(
             std::fs::read_to_string(&passwd).unwrap(),
