@@ -342,3 +342,86 @@ fn hash_line(user: &str, password: &str) -> String {
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The shipped Mosquitto config and ACL (deploy/mosquitto), run by a real Mosquitto:
+/// only the interlock's account publishes `interlock/permits`, operators only send
+/// commands, a service writes under its own name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipped_mosquitto_acl_keeps_each_account_to_its_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = dcs_integration_tests::repo_root().join("deploy/mosquitto");
+    let passwd = dir.path().join("passwd");
+    std::fs::write(
+        &passwd,
+        format!(
+            "{PASSWD_LINE}\n{}{}{}",
+            hash_line("interlock", "i-pw"),
+            hash_line("operator", "o-pw"),
+            hash_line("julabo", "j-pw")
+        ),
+    )
+    .unwrap();
+    let (port, ws) = (free_port(), free_port());
+    let conf = std::fs::read_to_string(deploy.join("tracker-dcs.conf"))
+        .unwrap()
+        .replace("listener 1883 ", &format!("listener {port} "))
+        .replace("listener 8083 ", &format!("listener {ws} "))
+        .replace(
+            "/etc/mosquitto/tracker-dcs.passwd",
+            passwd.to_str().unwrap(),
+        )
+        .replace(
+            "/etc/mosquitto/tracker-dcs.acl",
+            deploy.join("tracker-dcs.acl").to_str().unwrap(),
+        );
+    assert!(conf.contains("set_tcp_nodelay true"));
+    std::fs::write(dir.path().join("m.conf"), conf + "log_dest stderr\n").unwrap();
+    let mut cmd = Command::new("mosquitto");
+    cmd.arg("-c").arg(dir.path().join("m.conf"));
+    let _m = spawn_until(cmd, "running", Duration::from_secs(15));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let mut watch = Observer::connect(port, "watch", &["#"]).await;
+    let mut clients = [
+        Observer::connect_as(port, "op", "operator", "o-pw", &[]).await,
+        Observer::connect_as(port, "julabo", "julabo", "j-pw", &[]).await,
+        Observer::connect_as(port, "interlock", "interlock", "i-pw", &[]).await,
+    ];
+    // (client, topic, allowed); each is followed by an allowed marker from the same
+    // client, so "not delivered" is seen as the marker arriving first.
+    let cases = [
+        (0, "interlock/permits", false),
+        (0, "julabo/cmd/start", true),
+        (0, "julabo/status", false),
+        (1, "interlock/permits", false),
+        (1, "julabo/status", true),
+        (2, "interlock/permits", true),
+        (2, "dcs/cmd/switch/hv", true),
+    ];
+    for (i, (c, topic, allowed)) in cases.into_iter().enumerate() {
+        let who = ["operator", "julabo", "interlock"][c];
+        let client = &mut clients[c];
+        let payload = format!("case {i}");
+        client.publish_acked(topic, false, &payload).await;
+        let marker = if who == "operator" {
+            "dcs/cmd/refresh".to_string()
+        } else {
+            format!("{who}/marker")
+        };
+        client.publish_acked(&marker, false, &payload).await;
+        let got = watch
+            .wait_for(&marker, Duration::from_secs(5), |p| p == payload)
+            .await;
+        assert!(got.is_some(), "{who}: marker on {marker} not delivered");
+        let delivered = watch
+            .wait_for(topic, Duration::from_millis(200), |p| p == payload)
+            .await
+            .is_some();
+        assert_eq!(delivered, allowed, "{who} publishing on {topic}");
+    }
+}
