@@ -115,16 +115,70 @@ pub fn from_str<T: DeserializeOwned + Validate>(
     Ok(value)
 }
 
-/// Best-effort line of the last component of a dotted key path, for validation errors.
+/// Best-effort line of a dotted key path (`channels.0.lv.setV`, `rules[2].name`), for
+/// validation errors: each component is looked for after its parent, inside the
+/// parent's block (deeper indentation) or on the parent's own line (flow style:
+/// `"0": {lv: {setV: 30}}`). Falls back to the deepest component found.
 fn find_key_line(text: &str, key: &str) -> Option<usize> {
-    let last = key.rsplit('.').next()?;
-    let last = last.split('[').next()?;
-    text.lines()
-        .position(|l| {
-            let t = l.trim_start().trim_start_matches("- ");
-            t.starts_with(&format!("{last}:")) || t.starts_with(&format!("\"{last}\":"))
-        })
-        .map(|i| i + 1)
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut found: Option<usize> = None;
+    for part in key.split('.') {
+        let name = part.split('[').next().unwrap_or(part);
+        if name.is_empty() {
+            continue;
+        }
+        let start = found.unwrap_or(0);
+        let parent_indent = found.map(|i| indent(lines[i]));
+        let mut hit = None;
+        for (i, line) in lines.iter().enumerate().skip(start) {
+            let code = line.split(" #").next().unwrap_or(line);
+            if code.trim().is_empty() || code.trim_start().starts_with('#') {
+                continue;
+            }
+            // Past the parent's block: the key is not in the file (a default).
+            if Some(i) != found && parent_indent.is_some_and(|p| indent(code) <= p) {
+                break;
+            }
+            let after = if Some(i) == found {
+                // On the parent's line only what follows the parent's own key counts.
+                code.find(':').map_or("", |c| &code[c + 1..])
+            } else {
+                code
+            };
+            if has_key(after, name) {
+                hit = Some(i);
+                break;
+            }
+        }
+        match hit {
+            Some(i) => found = Some(i),
+            None => break,
+        }
+    }
+    found.map(|i| i + 1)
+}
+
+/// Whether `name:` stands in `code` as a mapping key (block or flow style, quoted or
+/// not).
+fn has_key(code: &str, name: &str) -> bool {
+    for pat in [
+        format!("{name}:"),
+        format!("\"{name}\":"),
+        format!("'{name}':"),
+    ] {
+        let mut from = 0;
+        while let Some(p) = code[from..].find(&pat) {
+            let at = from + p;
+            let before = code[..at].trim_end().chars().last();
+            let after = code[at + pat.len()..].chars().next();
+            if matches!(before, None | Some('{' | ',' | '-')) && matches!(after, None | Some(' ')) {
+                return true;
+            }
+            from = at + 1;
+        }
+    }
+    false
 }
 
 /// Replaces `${VAR}` and `${VAR:-default}` with values from `lookup`. Comment lines are
@@ -201,6 +255,18 @@ pub fn relative_to(config_file: &Path, path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validation_lines_follow_the_key_path() {
+        let text = "safety:\n  interlock: x\n  hv_safe_voltage: -5\ntiming: {refresh_secs: 1}\nchannels:\n  \"0\": {lv: {board: 0, setV: 13.0}}\n  \"1\": {lv: {board: 1, setV: 30}, hv: {setV: 2}}\nbatch:\n  interval_ms: 5\nother:\n  size: 0\n";
+        assert_eq!(find_key_line(text, "safety.hv_safe_voltage"), Some(3));
+        assert_eq!(find_key_line(text, "channels.1.lv.setV"), Some(7));
+        assert_eq!(find_key_line(text, "channels.1.hv.setV"), Some(7));
+        assert_eq!(find_key_line(text, "timing.refresh_secs"), Some(4));
+        // Not in its section (a default): the section's line, never another section's key.
+        assert_eq!(find_key_line(text, "batch.size"), Some(8));
+        assert_eq!(find_key_line(text, "nothing.here"), None);
+    }
     use serde::Deserialize;
 
     #[derive(Debug, Deserialize)]

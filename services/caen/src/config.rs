@@ -483,14 +483,23 @@ impl Validate for CaenConfig {
         if let Err(e) = self.ca.addresses(5064) {
             return Err(("ca.addr_list".into(), e));
         }
-        if !(self.ca.put_timeout_secs > 0.0 && self.ca.connect_timeout_secs > 0.0) {
-            return Err(("ca".into(), "timeouts must be > 0".into()));
+        for (key, ok) in [
+            ("ca.put_timeout_secs", self.ca.put_timeout_secs > 0.0),
+            (
+                "ca.connect_timeout_secs",
+                self.ca.connect_timeout_secs > 0.0,
+            ),
+            (
+                "safety.hv_off_timeout_secs",
+                self.safety.hv_off_timeout_secs > 0.0,
+            ),
+        ] {
+            if !ok {
+                return Err((key.into(), "must be > 0".into()));
+            }
         }
-        if !(self.safety.hv_safe_voltage >= 0.0 && self.safety.hv_off_timeout_secs > 0.0) {
-            return Err((
-                "safety".into(),
-                "hv_safe_voltage must be >= 0 and hv_off_timeout_secs > 0".into(),
-            ));
+        if !(self.safety.hv_safe_voltage >= 0.0) {
+            return Err(("safety.hv_safe_voltage".into(), "must be >= 0".into()));
         }
         if !(self.timing.refresh_secs >= 0.0 && self.timing.refresh_secs.is_finite()) {
             return Err(("timing.refresh_secs".into(), "must be >= 0".into()));

@@ -370,14 +370,16 @@ impl Validate for TelemetryConfig {
                 "must be at least two segments (segment_bytes >= 4096)".into(),
             ));
         }
-        if self.batch.size == 0 || self.batch.interval_ms == 0 || self.batch.max_bytes == 0 {
-            return Err((
-                "batch".into(),
-                "size, max_bytes and interval_ms must be > 0".into(),
-            ));
-        }
-        if self.retry.initial_ms == 0 || self.retry.max_secs == 0 {
-            return Err(("retry".into(), "initial_ms and max_secs must be > 0".into()));
+        for (key, zero) in [
+            ("batch.size", self.batch.size == 0),
+            ("batch.interval_ms", self.batch.interval_ms == 0),
+            ("batch.max_bytes", self.batch.max_bytes == 0),
+            ("retry.initial_ms", self.retry.initial_ms == 0),
+            ("retry.max_secs", self.retry.max_secs == 0),
+        ] {
+            if zero {
+                return Err((key.into(), "must be > 0".into()));
+            }
         }
         if !(0.1..=86400.0).contains(&self.stats_interval_secs) {
             return Err((
