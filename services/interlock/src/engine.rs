@@ -200,7 +200,7 @@ impl Interlock {
                     .map(|(i, _)| i),
             );
         }
-        let got = self.inputs.ingest(topic, payload, now);
+        let got = self.inputs.ingest_at(topic, payload, now, wall);
         for (i, why) in &got.malformed {
             tracing::warn!(
                 topic,

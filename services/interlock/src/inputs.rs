@@ -1,11 +1,17 @@
 //! The values the rules read: the latest sample of every series (one per matching
 //! topic) of every configured input, with its age, and which publishers are online.
-//! No I/O: messages come in as (topic, payload, instant).
+//! No I/O: messages come in as (topic, payload, instant, wall clock).
+//!
+//! A value's age counts from when it was measured, not from when it arrived: a JSON
+//! payload with a top-level [`MEASURED_AT`] (nanoseconds since the Unix epoch, UTC; the
+//! chiller driver publishes it) is as old as that instant says, so a stream of new
+//! messages repeating an old reading goes stale. Without it (bare sensor values, or
+//! `null`), the arrival is the measurement.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use dcs_shared::topic;
+use dcs_shared::{topic, UtcNanos};
 use serde_json::Value as Json;
 
 use crate::config::InputConfig;
@@ -45,10 +51,27 @@ impl Value {
     }
 }
 
+/// The top-level payload field that says when its values were measured: an integer,
+/// nanoseconds since the Unix epoch, UTC.
+///
+/// A top-level `time` is not read as one: in this suite it is when a message was
+/// published (alarms, `interlock/status`, permits), which a republication renews.
+pub const MEASURED_AT: &str = "measured_at";
+
 #[derive(Debug, Clone)]
 struct Sample {
     value: Value,
+    /// When it arrived.
     at: Instant,
+    /// How old it already was then (0 when the payload does not say).
+    age_at_arrival: Duration,
+}
+
+impl Sample {
+    fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.at)
+            .saturating_add(self.age_at_arrival)
+    }
 }
 
 struct Input {
@@ -164,24 +187,41 @@ impl Inputs {
         self.online.get(source) == Some(&false)
     }
 
-    /// Takes a message. JSON is parsed once however many inputs read the topic.
+    /// Takes a message that arrived at `now`, with the wall clock read from the system.
+    /// Same as [`Inputs::ingest_at`] with `UtcNanos::now()`: for callers whose `now`
+    /// is the current instant.
     pub fn ingest(&mut self, topic: &str, payload: &[u8], now: Instant) -> Ingested {
+        self.ingest_at(topic, payload, now, UtcNanos::now())
+    }
+
+    /// Takes a message that arrived at `now`, `wall` being the same instant on the
+    /// wall clock (to compare with the payload's [`MEASURED_AT`]). JSON is parsed once
+    /// however many inputs read the topic.
+    pub fn ingest_at(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now: Instant,
+        wall: UtcNanos,
+    ) -> Ingested {
         let mut out = Ingested::default();
-        let mut json: Option<Result<Json, String>> = None;
+        let mut json: Option<Result<(Json, Duration), String>> = None;
         for (i, input) in self.inputs.iter_mut().enumerate() {
             if !topic::matches(&input.filter, topic) {
                 continue;
             }
-            let value = match &input.field {
-                None => bare(payload).map(Some),
+            let (value, age_at_arrival) = match &input.field {
+                None => (bare(payload).map(Some), Duration::ZERO),
                 Some(field) => {
                     let doc = json.get_or_insert_with(|| {
-                        serde_json::from_slice::<Json>(payload)
-                            .map_err(|e| format!("not JSON ({e})"))
+                        let doc = serde_json::from_slice::<Json>(payload)
+                            .map_err(|e| format!("not JSON ({e})"))?;
+                        let age = age_at_arrival(&doc, wall)?;
+                        Ok((doc, age))
                     });
                     match doc {
-                        Ok(doc) => field_value(doc, field),
-                        Err(e) => Err(e.clone()),
+                        Ok((doc, age)) => (field_value(doc, field), *age),
+                        Err(e) => (Err(e.clone()), Duration::ZERO),
                     }
                 }
             };
@@ -190,9 +230,14 @@ impl Inputs {
                 // disconnected): nothing new. The last value ages as it would.
                 Ok(None) => {}
                 Ok(Some(value)) => {
-                    input
-                        .series
-                        .insert(topic.to_string(), Sample { value, at: now });
+                    input.series.insert(
+                        topic.to_string(),
+                        Sample {
+                            value,
+                            at: now,
+                            age_at_arrival,
+                        },
+                    );
                     input.malformed.remove(topic);
                     out.updated.push(i);
                 }
@@ -217,7 +262,7 @@ impl Inputs {
                 .source
                 .as_deref()
                 .unwrap_or_else(|| topic.split('/').next().unwrap_or(topic));
-            let age = now.saturating_duration_since(s.at);
+            let age = s.age(now);
             let what = || format!("{} ({topic})", input.name);
             if self.is_offline(source) {
                 r.untrusted.push(Untrusted {
@@ -228,7 +273,7 @@ impl Inputs {
                 r.untrusted.push(Untrusted {
                     what: what(),
                     why: format!(
-                        "stale: last value {:.0} s ago (max_age_secs {})",
+                        "stale: last value measured {:.0} s ago (max_age_secs {})",
                         age.as_secs_f64(),
                         input.max_age.as_secs_f64()
                     ),
@@ -285,6 +330,27 @@ fn bare(payload: &[u8]) -> Result<Value, String> {
                 dcs_shared::command::truncate(text, 40)
             )),
         },
+    }
+}
+
+/// How old the payload's values were when it arrived at `wall`: `wall - measured_at`,
+/// 0 when it has no [`MEASURED_AT`] (or `null`), and 0 for an instant in the future
+/// (a clock ahead of ours must not make a value younger than its arrival). A
+/// [`MEASURED_AT`] that is not an integer makes the payload unreadable: its age is
+/// unknown, so none of its values can be trusted.
+fn age_at_arrival(doc: &Json, wall: UtcNanos) -> Result<Duration, String> {
+    match doc.get(MEASURED_AT) {
+        None | Some(Json::Null) => Ok(Duration::ZERO),
+        Some(v) => {
+            let ns = v.as_i64().ok_or_else(|| {
+                format!(
+                    "`{MEASURED_AT}` is not an integer of nanoseconds since the Unix epoch: {}",
+                    dcs_shared::command::truncate(&v.to_string(), 40)
+                )
+            })?;
+            let age = wall.as_nanos().saturating_sub(ns);
+            Ok(Duration::from_nanos(u64::try_from(age).unwrap_or(0)))
+        }
     }
 }
 
@@ -399,5 +465,128 @@ dew: {topic: "+/sensors/BME/dew", max_age_secs: 5}
         s.ingest("julabo/status", b"{garbage", t1);
         assert!(s.read(bath, t1).untrusted[0].why.contains("not JSON"));
         assert_eq!(s.malformed_total(), 3);
+    }
+
+    const SEC: i64 = 1_000_000_000;
+    /// Some wall-clock instant (2027-01-15), as `UtcNanos`.
+    const WALL: i64 = 1_800_000_000 * SEC;
+
+    fn status(running: bool, measured_at: Option<i64>) -> Vec<u8> {
+        serde_json::json!({"internal_temp": 4.0, "running": running, "measured_at": measured_at})
+            .to_string()
+            .into_bytes()
+    }
+
+    #[test]
+    fn a_new_message_with_an_old_measurement_is_stale() {
+        let t0 = Instant::now();
+        let mut s = store(t0);
+        let running = s.index("running").unwrap();
+        // Measured 20 s ago, arriving now: older than max_age (10 s) at once.
+        s.ingest_at(
+            "julabo/status",
+            &status(true, Some(WALL - 20 * SEC)),
+            t0,
+            UtcNanos(WALL),
+        );
+        let r = s.read(running, t0);
+        assert!(r.fresh.is_empty(), "{r:?}");
+        assert!(
+            r.untrusted[0]
+                .why
+                .contains("stale: last value measured 20 s ago"),
+            "{r:?}"
+        );
+
+        // Measured 4 s before arrival: fresh for 6 s more, then stale.
+        s.ingest_at(
+            "julabo/status",
+            &status(true, Some(WALL - 4 * SEC)),
+            t0,
+            UtcNanos(WALL),
+        );
+        assert_eq!(s.read(running, t0 + Duration::from_secs(5)).fresh.len(), 1);
+        assert!(!s
+            .read(running, t0 + Duration::from_secs(7))
+            .untrusted
+            .is_empty());
+
+        // The same reading republished every second (issue 15): each message is new,
+        // its content is not, and it goes stale all the same.
+        for k in 1..=12u64 {
+            let at = t0 + Duration::from_secs(k);
+            let wall = UtcNanos(WALL + k as i64 * SEC);
+            s.ingest_at("julabo/status", &status(true, Some(WALL)), at, wall);
+        }
+        let r = s.read(running, t0 + Duration::from_secs(12));
+        assert!(
+            r.fresh.is_empty() && r.untrusted[0].why.contains("stale"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn without_a_measured_instant_the_arrival_counts() {
+        let t0 = Instant::now();
+        let mut s = store(t0);
+        let running = s.index("running").unwrap();
+        for payload in [status(true, None), br#"{"running": true}"#.to_vec()] {
+            s.ingest_at("julabo/status", &payload, t0, UtcNanos(WALL));
+            assert_eq!(s.read(running, t0 + Duration::from_secs(9)).fresh.len(), 1);
+            let r = s.read(running, t0 + Duration::from_secs(11));
+            assert!(r.untrusted[0].why.contains("stale"), "{r:?}");
+        }
+        // Bare values never carry one.
+        let dew = s.index("dew").unwrap();
+        s.ingest_at("ESP01/sensors/BME/dew", b"4.5", t0, UtcNanos(WALL));
+        assert_eq!(s.read(dew, t0 + Duration::from_secs(5)).fresh.len(), 1);
+    }
+
+    #[test]
+    fn a_measured_instant_in_the_future_counts_as_the_arrival() {
+        let t0 = Instant::now();
+        let mut s = store(t0);
+        let running = s.index("running").unwrap();
+        // The publisher's clock is a minute ahead: no younger than arrival, no older.
+        s.ingest_at(
+            "julabo/status",
+            &status(true, Some(WALL + 60 * SEC)),
+            t0,
+            UtcNanos(WALL),
+        );
+        assert_eq!(s.read(running, t0 + Duration::from_secs(9)).fresh.len(), 1);
+        let r = s.read(running, t0 + Duration::from_secs(11));
+        assert!(
+            r.fresh.is_empty() && r.untrusted[0].why.contains("stale"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_measured_instant_makes_the_payload_untrusted() {
+        let t0 = Instant::now();
+        let mut s = store(t0);
+        let running = s.index("running").unwrap();
+        s.ingest_at(
+            "julabo/status",
+            &status(true, Some(WALL)),
+            t0,
+            UtcNanos(WALL),
+        );
+        for bad in [
+            r#"{"running": true, "measured_at": "2027-01-15T08:00:00Z"}"#,
+            r#"{"running": true, "measured_at": 1.8e18}"#,
+        ] {
+            let got = s.ingest_at("julabo/status", bad.as_bytes(), t0, UtcNanos(WALL));
+            assert_eq!(got.malformed.len(), 2, "both inputs of the topic: {got:?}");
+            let r = s.read(running, t0);
+            assert!(r.fresh.is_empty(), "{r:?}");
+            assert!(
+                r.untrusted[0]
+                    .why
+                    .contains("`measured_at` is not an integer"),
+                "{r:?}"
+            );
+        }
     }
 }

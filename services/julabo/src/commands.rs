@@ -150,7 +150,16 @@ mod tests {
             .unwrap_err()
             .0
             .contains("1..4"));
-        assert!(p("useSP", "2").unwrap_err().0.contains("invalid type"));
+        assert!(p("useSP", "2")
+            .unwrap_err()
+            .0
+            .contains("must be a JSON object"));
+        // The contract's objects only: an array is not read by field order.
+        assert!(p("setWT", "[3, 10.5]")
+            .unwrap_err()
+            .0
+            .contains("got an array"));
+        assert!(p("useSP", "[1]").unwrap_err().0.contains("got an array"));
         assert!(p("start", "now").unwrap_err().0.contains("no payload"));
         assert!(p("explode", "")
             .unwrap_err()

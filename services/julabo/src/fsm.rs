@@ -10,7 +10,8 @@ use crate::protocol::Status;
 pub enum State {
     /// No line to the unit, or it does not answer.
     Disconnected,
-    /// Line open, no status read yet.
+    /// Line open, no status read yet, or the latest poll got no reply (the status
+    /// is unknown: neither ON nor OFF).
     Connected,
     /// Remote control, circulator stopped (status 02).
     Off,
