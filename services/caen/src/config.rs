@@ -498,7 +498,8 @@ impl Validate for CaenConfig {
                 return Err((key.into(), "must be > 0".into()));
             }
         }
-        if !(self.safety.hv_safe_voltage >= 0.0) {
+        // NaN is refused too.
+        if self.safety.hv_safe_voltage.is_nan() || self.safety.hv_safe_voltage < 0.0 {
             return Err(("safety.hv_safe_voltage".into(), "must be >= 0".into()));
         }
         if !(self.timing.refresh_secs >= 0.0 && self.timing.refresh_secs.is_finite()) {
