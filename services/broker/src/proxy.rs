@@ -160,13 +160,16 @@ pub async fn serve(listener: TcpListener, kind: Kind, up: Arc<Upstream>) {
                     async_tungstenite::tokio::accept_hdr_async(stream, mqtt_subprotocol);
                 match tokio::time::timeout(up.connect_timeout, handshake).await {
                     Ok(Ok(ws)) => {
-                        connection(ws_stream_tungstenite::WsStream::new(ws), peer, kind, &up).await
+                        let (r, w) = tokio::io::split(ws_stream_tungstenite::WsStream::new(ws));
+                        connection(r, w, peer, kind, &up).await
                     }
                     Ok(Err(e)) => tracing::warn!(%peer, error = %e, "websocket handshake failed"),
                     Err(_) => tracing::warn!(%peer, "websocket handshake timed out"),
                 }
             } else {
-                connection(stream, peer, kind, &up).await
+                // Owned halves: no lock shared by the two directions.
+                let (r, w) = stream.into_split();
+                connection(r, w, peer, kind, &up).await
             }
         });
     }
@@ -211,11 +214,11 @@ async fn read_packet<R: AsyncRead + Unpin>(
 }
 
 /// One client connection, from its CONNECT to its end.
-async fn connection<S>(client: S, peer: SocketAddr, kind: Kind, up: &Upstream)
+async fn connection<R, W>(mut cr: R, mut cw: W, peer: SocketAddr, kind: Kind, up: &Upstream)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
-    let (mut cr, mut cw) = tokio::io::split(client);
     let mut buf = Vec::new();
     let first = tokio::time::timeout(
         up.connect_timeout,
