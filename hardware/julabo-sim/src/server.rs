@@ -44,6 +44,32 @@ impl dcs_shared::Validate for SimConfig {
         if !matches!(self.device.power_pv, 1 | 2) {
             return Err(("device.power_pv".into(), "must be 1 or 2".into()));
         }
+        let d = &self.device;
+        // The bath model divides by tau: a negative or zero one would be quietly clamped.
+        if !(d.tau_secs.is_finite() && d.tau_secs >= 0.1 && d.tau_secs <= 86_400.0) {
+            return Err((
+                "device.tau_secs".into(),
+                "must be 0.1 .. 86400 s (the bath's time constant)".into(),
+            ));
+        }
+        for (key, v) in [
+            ("device.ambient", d.ambient),
+            ("device.setpoint_min", d.setpoint_min),
+            ("device.setpoint_max", d.setpoint_max),
+        ] {
+            if !(-100.0..=400.0).contains(&v) {
+                return Err((
+                    key.into(),
+                    "must be a temperature in -100 .. 400 degC".into(),
+                ));
+            }
+        }
+        if d.setpoint_min >= d.setpoint_max {
+            return Err((
+                "device.setpoint_max".into(),
+                "must be above device.setpoint_min".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -247,4 +273,24 @@ fn open_tty(path: &Path) -> anyhow::Result<tokio::fs::File> {
         .with_context(|| format!("cannot open {}", path.display()))?;
     make_raw(&f)?;
     Ok(tokio::fs::File::from_std(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_values_out_of_range_name_their_key_and_line() {
+        let load = |text: &str| {
+            dcs_shared::config::from_str::<SimConfig>(text, std::path::Path::new("sim.yaml"))
+        };
+        let e = load("tcp: 127.0.0.1:0\ndevice:\n  ambient: 20\n  tau_secs: -60\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("device.tau_secs"));
+        assert_eq!(e.line, Some(4));
+        let e =
+            load("tcp: 127.0.0.1:0\ndevice: {setpoint_min: 50, setpoint_max: 20}\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("device.setpoint_max"));
+        assert_eq!(e.line, Some(2));
+        assert!(load("tcp: 127.0.0.1:0\ndevice: {tau_secs: 30}\n").is_ok());
+    }
 }
