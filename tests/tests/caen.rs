@@ -300,12 +300,28 @@ async fn a_hung_ioc_is_disconnected_and_recovers() {
         .obs
         .wait_for("dcs/status", WAIT, |p| p.contains("\"DISCONNECTED\""))
         .await;
+    // Freshness at the source: what the FSM can no longer read is published as null,
+    // never as the last value (the interlock then counts it as unknown, so unsafe).
+    let channel = r
+        .obs
+        .wait_for("dcs/channels/0", WAIT, |p| {
+            serde_json::from_str::<Value>(p).is_ok_and(|v| v["fsm_state"] == "DISCONNECTED")
+        })
+        .await;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     assert!(
         seen.is_some(),
         "hung IOC not noticed; caen-fsm said:\n{}",
         r.fsm.stderr_text()
     );
+    let channel: Value =
+        serde_json::from_str(&channel.expect("channel 0 DISCONNECTED").payload).unwrap();
+    for field in ["lv_vMon", "lv_iMon", "lv_status", "hv_vMon", "hv_status"] {
+        assert!(
+            channel[field].is_null(),
+            "{field} kept while disconnected: {channel}"
+        );
+    }
     wait_state(&mut r.obs, "LV_OFF").await;
 }
 
