@@ -324,6 +324,20 @@ impl Client {
     async fn subscribe(&self, filter: &str, qos: QoS) -> Result<(), SessionError> {
         let r = match self {
             Client::V4(c) => c.subscribe(filter, qos).await.map_err(|_| ()),
+            // Command filters with Retain As Published: a retained command published
+            // while we are subscribed arrives with its retain flag, so it is refused
+            // and cleared like one from the store (MQTT 3.1.1 clears the flag).
+            Client::V5(c) if is_command_topic(filter) => {
+                use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule};
+                let f = Filter {
+                    path: filter.to_string(),
+                    qos: qos5(qos),
+                    nolocal: false,
+                    preserve_retain: true,
+                    retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+                };
+                c.subscribe_many([f]).await.map_err(|_| ())
+            }
             Client::V5(c) => c.subscribe(filter, qos5(qos)).await.map_err(|_| ()),
         };
         r.map_err(|_| SessionError::Closed)
@@ -343,6 +357,19 @@ impl Client {
             }
         };
         r.map_err(|_| SessionError::Closed)
+    }
+
+    /// Like [`Client::ack`] without waiting for room in the request queue (for the
+    /// event-loop task itself, which is what empties that queue).
+    fn try_ack_v5(&self, token: AckToken) -> bool {
+        match self {
+            Client::V4(_) => false,
+            Client::V5(c) => {
+                let mut p = rumqttc::v5::mqttbytes::v5::Publish::new("", qos5(token.qos), "", None);
+                p.pkid = token.pkid;
+                c.try_ack(&p).is_ok()
+            }
+        }
     }
 
     async fn disconnect(&self) {
@@ -655,7 +682,33 @@ impl Session {
     }
 }
 
+/// Whether `topic` (or a filter) has a level that is exactly `cmd`.
+fn is_command_topic(topic: &str) -> bool {
+    topic.split('/').any(|l| l == "cmd")
+}
+
 impl Inner {
+    /// A retained message on a command topic reached an MQTT 5 session (from the store,
+    /// or live thanks to Retain As Published). An empty one only deletes a stored
+    /// command (our own clearing message among them): swallowed, `true`. Any other is
+    /// passed on to be refused (`false`), and the stored copy is cleared: nobody
+    /// executes that clearing message, since it too arrives retained.
+    fn retained_command(&self, m: &Message) -> bool {
+        if m.payload.is_empty() {
+            tracing::debug!(topic = %m.topic, "retained command deleted");
+            return true;
+        }
+        if self
+            .client
+            .try_publish(&m.topic, QoS::AtLeastOnce, true, Bytes::new())
+        {
+            tracing::info!(topic = %m.topic, "retained command removed from the broker");
+        } else {
+            tracing::warn!(topic = %m.topic, "cannot remove a retained command: request queue full");
+        }
+        false
+    }
+
     /// Runs after each CONNACK, off the event-loop task so that a full request queue
     /// cannot deadlock the loop that drains it.
     fn restore(self: &Arc<Self>) {
@@ -802,6 +855,18 @@ async fn drive(
                 let _ = events.send(SessionEvent::Connected).await;
             }
             Step::Publish(mut m) => {
+                if m.retain
+                    && matches!(inner.client, Client::V5(_))
+                    && is_command_topic(&m.topic)
+                    && inner.retained_command(&m)
+                {
+                    if let Some(token) = m.ack.take().filter(|_| manual_acks) {
+                        if !inner.client.try_ack_v5(token) {
+                            tracing::warn!(topic = %m.topic, "cannot acknowledge a deleted retained command: request queue full");
+                        }
+                    }
+                    continue;
+                }
                 if !manual_acks {
                     m.ack = None;
                 }

@@ -278,15 +278,20 @@ struct Stack {
 /// and count transmission time at 115200 baud: the same pacing logic, ten times fewer
 /// seconds of CI.
 fn stack() -> Stack {
+    stack_on(Broker::start(BrokerKind::Dcs), "")
+}
+
+/// The same on `broker`, with `mqtt_extra` added to the driver's `mqtt:` section
+/// (`", version: 5"`).
+fn stack_on(broker: Broker, mqtt_extra: &str) -> Stack {
     let sim = Sim::start(&["--min-spacing-ms", "30"]);
-    let broker = Broker::start(BrokerKind::Dcs);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("julabo.yaml");
     std::fs::write(
         &cfg,
         format!(
             "name: julabo\nport: {}\ntiming: {{min_spacing_ms: 40, poll_interval_secs: 0.5, reply_timeout_ms: 300, failures_before_reconnect: 2}}\n\
-             serial: {{baud: 115200}}\nlimits: {{temp_min: -30, temp_max: 40}}\nmqtt: {{url: {}, username: {USER}, password: {PASS}}}\n",
+             serial: {{baud: 115200}}\nlimits: {{temp_min: -30, temp_max: 40}}\nmqtt: {{url: {}, username: {USER}, password: {PASS}{mqtt_extra}}}\n",
             sim.url(),
             broker.url()
         ),
@@ -513,4 +518,57 @@ fn shipped_ser2net_config_has_the_right_line_settings() {
     );
     assert!(text.contains("accepter: tcp,127.0.0.1,8000"), "{text}");
     assert!(Path::new(&repo_root().join("deploy/ser2net/README.md")).exists());
+}
+
+/// With an external Mosquitto the broker cannot refuse a retained command, so the
+/// driver's MQTT 5 session does: its command filters use Retain As Published, a
+/// retained command (from the store, or live) is refused and removed from the broker,
+/// and an empty retained message (a deletion) is never taken for a command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_commands_never_act_with_mosquitto_and_mqtt5() {
+    let broker = Broker::start(BrokerKind::Mosquitto);
+    let mut op = Observer::connect(broker.port, "op", &["julabo/reply", "julabo/status"]).await;
+    // Left in the broker before the driver starts.
+    op.publish_acked("julabo/cmd/setPress", true, r#"{"press": 4}"#)
+        .await;
+    let st = stack_on(broker, ", version: 5");
+    let r = op
+        .wait_for("julabo/reply", WAIT, |p| p.contains("julabo/cmd/setPress"))
+        .await
+        .expect("the stored command refused");
+    assert!(
+        r.payload.contains("\"ok\":false") && r.payload.contains("published retained"),
+        "{}",
+        r.payload
+    );
+    status_where(&mut op, "OFF", state_is("OFF")).await;
+    let pump = st.sim.state()["pump"].clone();
+    assert_ne!(pump, 4);
+    // Published retained while the driver is connected: arrives with its flag, refused.
+    op.discard("julabo/reply");
+    op.publish_acked("julabo/cmd/setPress", true, r#"{"press": 3}"#)
+        .await;
+    let r = op
+        .wait_for("julabo/reply", WAIT, |p| p.contains("julabo/cmd/setPress"))
+        .await
+        .expect("the live retained command refused");
+    assert!(r.payload.contains("\"ok\":false"), "{}", r.payload);
+    assert_eq!(st.sim.state()["pump"], pump, "the retained setPress was executed");
+    // The empty retained message the old advice suggested is a deletion, never `start`.
+    op.publish_acked("julabo/cmd/start", true, "").await;
+    // A plain command still works, and proves the driver has read everything before it.
+    let r = command(&mut op, "setPress", r#"{"press": 2}"#).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(st.sim.state()["pump"], 2);
+    assert_eq!(
+        st.sim.state()["running"],
+        false,
+        "an empty retained start was executed"
+    );
+    // Nothing is left in the broker for a later subscriber.
+    let mut late = Observer::connect(st.broker.port, "late", &["julabo/cmd/#"]).await;
+    let left = late
+        .next_on("julabo/cmd/setPress", Duration::from_secs(1))
+        .await;
+    assert_eq!(left, None, "a retained command was left in the broker");
 }

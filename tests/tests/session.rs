@@ -303,7 +303,8 @@ fn unusable_settings_are_refused_up_front() {
 }
 
 /// A command left retained on the broker reaches a (re)starting service flagged as
-/// retained, and the envelope refuses it rather than running it again.
+/// retained, and the envelope refuses it rather than running it again. (Mosquitto:
+/// dcs-broker does not store retained commands at all, see tests/tests/broker.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_command_is_refused_not_replayed() {
     use dcs_shared::command::{self, Command, CommandError};
@@ -317,7 +318,7 @@ async fn retained_command_is_refused_not_replayed() {
             }
         }
     }
-    let broker = Broker::start(BrokerKind::Dcs);
+    let broker = Broker::start(BrokerKind::Mosquitto);
     let mut obs = Observer::connect(broker.port, "stale-publisher", &[]).await;
     // Acknowledged, hence stored on the broker, before anyone subscribes: a
     // subscriber arriving first would get a live (not retained) copy.
