@@ -553,7 +553,11 @@ async fn retained_commands_never_act_with_mosquitto_and_mqtt5() {
         .await
         .expect("the live retained command refused");
     assert!(r.payload.contains("\"ok\":false"), "{}", r.payload);
-    assert_eq!(st.sim.state()["pump"], pump, "the retained setPress was executed");
+    assert_eq!(
+        st.sim.state()["pump"],
+        pump,
+        "the retained setPress was executed"
+    );
     // The empty retained message the old advice suggested is a deletion, never `start`.
     op.publish_acked("julabo/cmd/start", true, "").await;
     // A plain command still works, and proves the driver has read everything before it.
