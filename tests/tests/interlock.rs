@@ -514,6 +514,14 @@ async fn hovering_at_the_threshold_does_not_chatter_and_broker_restarts_are_surv
         v["state"] == "cleared"
     })
     .await;
+    // `alarms/cmd` itself (no verb) matches two of the interlock's filters; it still
+    // gets exactly one reply, a refusal.
+    obs.discard("alarms/reply");
+    obs.publish("alarms/cmd", "all").await;
+    let r = obs.next_on("alarms/reply", WAIT).await.expect("a refusal");
+    assert!(r.payload.contains("\"ok\":false"), "{}", r.payload);
+    let again = obs.next_on("alarms/reply", Duration::from_secs(1)).await;
+    assert_eq!(again, None, "a second reply to one command");
 }
 
 #[test]

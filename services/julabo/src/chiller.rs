@@ -232,8 +232,10 @@ impl Chiller {
             let l = &self.cfg.limits;
             if !(l.temp_min..=l.temp_max).contains(temp) {
                 return Err(format!(
-                    "temp {temp} is outside the configured limits {} .. {} degC",
-                    l.temp_min, l.temp_max
+                    "temp {} is outside the configured limits {} .. {} degC",
+                    dcs_shared::command::show_number(*temp),
+                    l.temp_min,
+                    l.temp_max
                 ));
             }
         }

@@ -118,8 +118,10 @@ async fn one_shot(a: &Args, port: &str) -> Result<String, String> {
     if let Some(t) = a.set_wt {
         if !(a.temp_min..=a.temp_max).contains(&t) {
             return Err(format!(
-                "{t} is outside the limits {} .. {} degC",
-                a.temp_min, a.temp_max
+                "{} is outside the limits {} .. {} degC",
+                dcs_shared::command::show_number(t),
+                a.temp_min,
+                a.temp_max
             ));
         }
     }
