@@ -107,8 +107,11 @@ impl Channel {
         self.lv.all_connected() && self.hv.all_connected()
     }
 
-    /// The JSON object of SPEC 3.1 (field names kept from the Python original).
+    /// The JSON object of SPEC 3.1 (field names kept from the Python original). While
+    /// any PV of the channel is disconnected every reading is null: the PVs of a hung
+    /// IOC drop one event at a time, and the ones not yet dropped are no fresher.
     pub fn to_json(&self) -> Value {
+        let known = self.connected();
         let mut m = Map::new();
         m.insert("id".into(), json!(self.cfg.id));
         m.insert("module".into(), json!(self.cfg.module));
@@ -119,7 +122,7 @@ impl Channel {
         for side in [Side::Lv, Side::Hv] {
             for param in side.params() {
                 let Some(field) = param.field() else { continue };
-                let v = match self.supply(side).get(side, *param) {
+                let v = match self.supply(side).get(side, *param).filter(|_| known) {
                     None => Value::Null,
                     Some(r) if param.is_enum() => match &r.label {
                         Some(l) => json!(l),
@@ -474,6 +477,14 @@ mod tests {
         assert_eq!(j["hv_iMon"], Value::Null);
         assert_eq!(j["fsm_state"], "LV_ON");
         assert_eq!(j.as_object().unwrap().len(), 6 + 25 + 1);
+        // One PV drops (the first of a hung IOC's): nothing of the channel is known.
+        let slot = p.slots.iter().position(|s| s.channel == 0).unwrap();
+        p.apply(&CaEvent::Disconnected { slot });
+        let j = p.channels[0].to_json();
+        assert_eq!(j["lv_vMon"], Value::Null);
+        assert_eq!(j["lv_status"], Value::Null);
+        assert_eq!(j["hv_tripMode"], Value::Null);
+        assert_eq!(j["id"], "0");
     }
 
     #[test]
