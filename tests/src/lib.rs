@@ -528,3 +528,20 @@ pub async fn connack(
         other => Err(format!("{other:?}")),
     }
 }
+
+/// julabo-sim on a free TCP port with its fault-injection control port, dropping
+/// commands closer than `spacing_ms`; returns the process and (tcp, control) ports.
+pub fn start_julabo_sim(spacing_ms: u32) -> (Proc, u16, u16) {
+    let (tcp, control) = (free_port(), free_port());
+    let mut cmd = Command::new(bin("julabo-sim"));
+    cmd.args([
+        "--tcp",
+        &format!("127.0.0.1:{tcp}"),
+        "--control",
+        &format!("127.0.0.1:{control}"),
+        "--min-spacing-ms",
+        &spacing_ms.to_string(),
+    ]);
+    let sim = spawn_until(cmd, "julabo-sim: control on", Duration::from_secs(30));
+    (sim, tcp, control)
+}

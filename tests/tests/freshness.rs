@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dcs_integration_tests::{
-    bin, free_port, spawn_until, Broker, BrokerKind, Observer, Proc, PASS, USER,
+    bin, spawn_until, start_julabo_sim, Broker, BrokerKind, Observer, Proc, PASS, USER,
 };
 use dcs_shared::UtcNanos;
 use serde_json::Value;
@@ -48,17 +48,7 @@ impl Stack {
     fn start() -> Stack {
         let broker = Broker::start(BrokerKind::Dcs);
         let dir = tempfile::tempdir().expect("tempdir");
-        let (tcp, control) = (free_port(), free_port());
-        let mut cmd = Command::new(bin("julabo-sim"));
-        cmd.args([
-            "--tcp",
-            &format!("127.0.0.1:{tcp}"),
-            "--control",
-            &format!("127.0.0.1:{control}"),
-            "--min-spacing-ms",
-            "30",
-        ]);
-        let sim = spawn_until(cmd, "julabo-sim: control on", WAIT);
+        let (sim, tcp, control) = start_julabo_sim(30);
         let julabo = start_julabo(dir.path(), tcp, &broker);
         let interlock = start_interlock(dir.path(), &broker);
         Stack {

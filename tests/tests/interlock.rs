@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use dcs_integration_tests::caen::{config, start_fsm, CaPorts, CaenSim};
 use dcs_integration_tests::{
-    bin, free_port, spawn_until, Broker, BrokerKind, Got, Observer, Proc, PASS, USER,
+    bin, free_port, spawn_until, start_julabo_sim, Broker, BrokerKind, Got, Observer, Proc, PASS,
+    USER,
 };
 use serde_json::Value;
 
@@ -94,17 +95,7 @@ fn plant() -> Plant {
     let caen_sim = CaenSim::start(&caen_file, ports);
     let fsm = start_fsm(&caen_file, ports);
     // Chiller at 20 degC, fast polling.
-    let (tcp, control) = (free_port(), free_port());
-    let mut cmd = Command::new(bin("julabo-sim"));
-    cmd.args([
-        "--tcp",
-        &format!("127.0.0.1:{tcp}"),
-        "--control",
-        &format!("127.0.0.1:{control}"),
-        "--min-spacing-ms",
-        "30",
-    ]);
-    let julabo_sim = spawn_until(cmd, "julabo-sim: control on", WAIT);
+    let (julabo_sim, tcp, _) = start_julabo_sim(30);
     let julabo = start_julabo(dir.path(), tcp, &broker);
     let interlock = start_interlock(dir.path(), &rules(broker.port, DEW_AND_COOLING));
     Plant {
