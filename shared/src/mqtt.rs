@@ -387,6 +387,9 @@ struct Inner {
     /// Retained state to restore after each reconnect, by topic.
     retained: Mutex<BTreeMap<String, Bytes>>,
     connected: AtomicBool,
+    /// The subscriptions of this connection are queued: only then is retained state
+    /// published, so whoever sees a service's status can command it at once.
+    restored: AtomicBool,
     stopping: AtomicBool,
     /// Some retained state could not be queued; the driver sends it all again.
     dirty: AtomicBool,
@@ -481,6 +484,7 @@ impl Session {
             subscriptions: Mutex::new(options.subscriptions),
             retained: Mutex::new(BTreeMap::new()),
             connected: AtomicBool::new(false),
+            restored: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             driver: Mutex::new(None),
@@ -574,7 +578,8 @@ impl Session {
         state.insert(topic.to_string(), payload.clone());
         // Queued under the lock, so the queue order is the map order: a restore running
         // at the same time can never send an older value after this one.
-        if self.is_connected()
+        // Before the subscriptions are restored it waits for the restore to send it.
+        if self.inner.restored.load(Ordering::SeqCst)
             && !self
                 .inner
                 .client
@@ -729,6 +734,7 @@ impl Inner {
                     return;
                 }
             }
+            inner.restored.store(true, Ordering::SeqCst);
             inner.flush_state();
         });
     }
@@ -838,7 +844,7 @@ async fn drive(
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut last_error = String::new();
     loop {
-        if inner.connected.load(Ordering::SeqCst) && inner.dirty.swap(false, Ordering::SeqCst) {
+        if inner.restored.load(Ordering::SeqCst) && inner.dirty.swap(false, Ordering::SeqCst) {
             inner.flush_state();
         }
         match el.step().await {
@@ -850,6 +856,7 @@ async fn drive(
                 }
                 backoff.reset();
                 last_error.clear();
+                inner.restored.store(false, Ordering::SeqCst);
                 inner.connected.store(true, Ordering::SeqCst);
                 inner.restore();
                 let _ = events.send(SessionEvent::Connected).await;
@@ -879,6 +886,7 @@ async fn drive(
                 if inner.stopping.load(Ordering::SeqCst) {
                     break;
                 }
+                inner.restored.store(false, Ordering::SeqCst);
                 let was_connected = inner.connected.swap(false, Ordering::SeqCst);
                 // rumqttd closes the socket on a refused login, with no CONNACK code:
                 // accepted TCP connection, then closed before CONNACK. A broker that is
@@ -905,6 +913,7 @@ async fn drive(
             }
         }
     }
+    inner.restored.store(false, Ordering::SeqCst);
     inner.connected.store(false, Ordering::SeqCst);
 }
 
