@@ -489,7 +489,13 @@ async fn faults_end_runs_as_failed_with_the_reason_and_partial_results() {
         };
         let _sim = (backend == "middleware").then(|| s.start_sim(2.0, sim_fault));
         let cfg = s.bridge_config(&broker, backend, &mongo.uri(), "", cli_fault);
+        obs.discard("ph2acf/online");
         let mut bridge = start_bridge(&cfg);
+        // This bridge's birth, then its status: a late "idle" of the previous bridge
+        // would send the run before this one subscribes (the command is then lost).
+        obs.wait_for("ph2acf/online", WAIT, |p| p == "true")
+            .await
+            .expect("birth");
         obs.wait_for("ph2acf/status", WAIT, |p| json(p)["state"] == "idle")
             .await
             .expect("idle");
