@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
 use crate::command::Reply;
+use crate::topic::is_command_topic;
 
 pub use rumqttc::QoS;
 
@@ -685,11 +686,6 @@ impl Session {
             }
         }
     }
-}
-
-/// Whether `topic` (or a filter) has a level that is exactly `cmd`.
-fn is_command_topic(topic: &str) -> bool {
-    topic.split('/').any(|l| l == "cmd")
 }
 
 impl Inner {

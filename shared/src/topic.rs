@@ -1,5 +1,11 @@
 //! MQTT topic filters and the `{n}` templates that turn topic levels into names.
 
+/// Whether `topic` (or a filter) is a command topic: one of its levels is exactly
+/// `cmd` (`julabo/cmd/start`, `dcs/cmd/switch/lv`, `alarms/cmd`, `julabo/cmd/#`).
+pub fn is_command_topic(topic: &str) -> bool {
+    topic.split('/').any(|l| l == "cmd")
+}
+
 /// Checks an MQTT topic filter: `+` and `#` only as whole levels, `#` only last.
 pub fn check_filter(filter: &str) -> Result<(), String> {
     if filter.is_empty() {

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 
 use dcs_shared::command::Reply;
+pub use dcs_shared::topic::is_command_topic;
 
 /// Why a client's byte stream cannot be read as MQTT; the connection is closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,12 +233,6 @@ pub fn parse_connect(packet: &[u8]) -> Result<Connect, Malformed> {
         user,
         will,
     })
-}
-
-/// Whether `topic` is a command topic: one of its levels is exactly `cmd`
-/// (`julabo/cmd/start`, `dcs/cmd/switch/lv`, `alarms/cmd`).
-pub fn is_command_topic(topic: &str) -> bool {
-    topic.split('/').any(|l| l == "cmd")
 }
 
 /// Where the refusal of a command goes: `<name>/reply`, `<name>` being the levels before
