@@ -485,6 +485,25 @@ impl Observer {
         }
     }
 
+    /// The next JSON message on `topic` satisfying `pred` within `within` (earlier
+    /// messages still queued count: [`Observer::discard`] first to wait for a new one);
+    /// panics naming `what` when none comes.
+    pub async fn wait_json(
+        &mut self,
+        topic: &str,
+        within: Duration,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let g = self
+            .wait_for(topic, within, |p| {
+                serde_json::from_str(p).is_ok_and(|v: serde_json::Value| pred(&v))
+            })
+            .await
+            .unwrap_or_else(|| panic!("no {topic} with {what} within {within:?}"));
+        serde_json::from_str(&g.payload).unwrap_or(serde_json::Value::Null)
+    }
+
     /// Forgets what arrived on `topic` so far, so that the next wait sees only what
     /// comes after a command (a status or reply topic repeats the same content).
     pub fn discard(&mut self, topic: &str) {

@@ -168,13 +168,7 @@ async fn wait_json(
     what: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let g = obs
-        .wait_for(topic, WAIT, |p| {
-            serde_json::from_str(p).is_ok_and(|v: Value| pred(&v))
-        })
-        .await
-        .unwrap_or_else(|| panic!("no {topic} with {what} within {WAIT:?}"));
-    serde_json::from_str(&g.payload).expect("JSON")
+    obs.wait_json(topic, WAIT, what, pred).await
 }
 
 fn is_running(v: &Value) -> bool {

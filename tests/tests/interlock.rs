@@ -149,13 +149,7 @@ async fn wait_json(
     what: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let g = obs
-        .wait_for(topic, WAIT, |p| {
-            serde_json::from_str(p).is_ok_and(|v: Value| pred(&v))
-        })
-        .await
-        .unwrap_or_else(|| panic!("no {topic} with {what}"));
-    json(&g)
+    obs.wait_json(topic, WAIT, what, pred).await
 }
 
 /// The retained value of `topic` now, read by a new client.
