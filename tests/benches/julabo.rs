@@ -57,7 +57,7 @@ async fn main() {
         let mut failed = 0;
         for _ in 0..5 {
             let t0 = Instant::now();
-            match read_all(&mut link, 1).await {
+            match read_all(&mut link).await {
                 Ok(_) => times.push(t0.elapsed().as_secs_f64()),
                 Err(_) => failed += 1,
             }

@@ -26,6 +26,9 @@ pub struct DeviceConfig {
     pub setpoint_max: f64,
     /// Start in remote control (status 02) rather than manual (00).
     pub remote: bool,
+    /// Commands this model does not have (`IN_MODE_01` on some units and on lewis's
+    /// emulator): no reply, and `-08 INVALID COMMAND` on the next STATUS.
+    pub unsupported: Vec<String>,
 }
 
 impl Default for DeviceConfig {
@@ -39,6 +42,7 @@ impl Default for DeviceConfig {
             setpoint_min: -51.0,
             setpoint_max: 200.0,
             remote: true,
+            unsupported: Vec::new(),
         }
     }
 }
@@ -254,6 +258,15 @@ impl Device {
         } else {
             (self.power, self.bath + 0.5)
         };
+        if self
+            .cfg
+            .unsupported
+            .iter()
+            .any(|u| u.eq_ignore_ascii_case(cmd))
+        {
+            self.last_error = Some(-8);
+            return None;
+        }
         match (cmd, arg) {
             ("VERSION", None) => Some(self.cfg.version.clone()),
             ("STATUS", None) => {
@@ -365,6 +378,28 @@ mod tests {
         assert_eq!(r[2], None);
         assert_eq!(r[3].as_deref(), Some("-10.50"));
         assert_eq!(r[4].as_deref(), Some("02 REMOTE STOP"));
+    }
+
+    #[test]
+    fn unsupported_queries_are_invalid_commands() {
+        let now = Instant::now();
+        let mut d = Device::new(
+            DeviceConfig {
+                unsupported: vec!["IN_MODE_01".into()],
+                ..DeviceConfig::default()
+            },
+            now,
+        );
+        let mut t = now;
+        let r = send(
+            &mut d,
+            &mut t,
+            &["IN_MODE_01", "STATUS", "STATUS", "IN_MODE_04"],
+        );
+        assert_eq!(r[0], None);
+        assert_eq!(r[1].as_deref(), Some("-08 INVALID COMMAND"));
+        assert_eq!(r[2].as_deref(), Some("02 REMOTE STOP"));
+        assert_eq!(r[3].as_deref(), Some("0"));
     }
 
     #[test]

@@ -32,6 +32,9 @@ struct Args {
     /// Start under manual (front panel) control instead of remote.
     #[arg(long)]
     manual: bool,
+    /// A command this model does not have (repeatable): no reply, -08 on the next STATUS.
+    #[arg(long, value_name = "COMMAND")]
+    unsupported: Vec<String>,
 }
 
 #[tokio::main]
@@ -58,6 +61,7 @@ async fn main() -> ExitCode {
     if args.manual {
         cfg.device.remote = false;
     }
+    cfg.device.unsupported.extend(args.unsupported);
     if let Err((k, m)) = dcs_shared::Validate::validate(&cfg) {
         eprintln!("julabo-sim: `{k}`: {m}");
         return ExitCode::from(2);

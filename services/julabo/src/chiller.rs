@@ -1,81 +1,40 @@
 //! The chiller as the service sees it: the line (opened and reopened with backoff),
-//! the last status read, the state machine, and the commands carried out on it.
+//! what the unit last said, field by field ([`Readings`]), the use of the line slot by
+//! slot ([`Schedule`]: commands first), and the commands carried out on it.
 //!
-//! Freshness: a [`Reading`] carries the instant it was measured, and the chiller keeps
-//! one only while the latest poll succeeded. A poll that fails (no reply, garbage, the
-//! line closed) drops it, so `julabo/status` then carries nulls and the reason, never
-//! the previous values as if they were new.
+//! Liveness: STATUS is the probe, since every unit answers it. A query that gets no
+//! valid reply leaves its field null with the reason and asks for a STATUS in the next
+//! slot; the line counts as lost (closed, everything forgotten, reopened after the
+//! backoff) at once when it closes, or when STATUS itself gets no valid reply
+//! `failures_before_reconnect` times in a row. So a unit that lacks one query keeps
+//! every other field and takes commands; a unit that stops answering is DISCONNECTED
+//! within a few timeouts.
 
 use std::time::Duration;
 
 use dcs_shared::backoff::Backoff;
 use dcs_shared::UtcNanos;
-use serde_json::json;
 use tokio::time::Instant;
 
 use crate::commands::JulaboCommand;
 use crate::config::JulaboConfig;
 use crate::fsm::State;
-use crate::protocol::{Query, Status, Write};
+use crate::protocol::{parse_reply, Query, Value, Write};
+use crate::readings::{Failure, Field, Readings, CYCLE};
+use crate::schedule::{Schedule, Slot};
 use crate::transport::{self, Endpoint, Link, LinkError};
 
-/// One full read of the unit: the nine queries behind `julabo/status`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reading {
-    /// When the read began (STATUS, the first of the nine queries, was about to be
-    /// sent). Every value was measured at or after it, so an age counted from it is
-    /// never too young; the whole read takes about 9 x `min_spacing_ms`.
-    pub measured_at: UtcNanos,
-    /// STATUS.
-    pub status: Status,
-    /// IN_PV_00.
-    pub internal_temp: f64,
-    /// The Pt100 of IN_PV_01/02.
-    pub external_temp: f64,
-    /// The power of IN_PV_01/02, %.
-    pub power: f64,
-    /// IN_SP_00..02.
-    pub setpoints: [f64; 3],
-    /// IN_MODE_01 + 1.
-    pub used_setpoint: u8,
-    /// IN_MODE_04.
-    pub ext_is_used: bool,
-}
-
-/// Reads everything `julabo/status` carries: 9 commands.
-pub async fn read_all(link: &mut Link, power_pv: u8) -> Result<Reading, LinkError> {
-    let measured_at = UtcNanos::now();
-    let status = link.status().await?;
-    let internal_temp = link.float(Query::BathTemp).await?;
-    let pv1 = link.float(Query::Pv1).await?;
-    let pv2 = link.float(Query::Pv2).await?;
-    let (power, external_temp) = if power_pv == 2 {
-        (pv2, pv1)
-    } else {
-        (pv1, pv2)
-    };
-    let mut setpoints = [0.0; 3];
-    for (i, sp) in setpoints.iter_mut().enumerate() {
-        *sp = link.float(Query::Setpoint(i as u8)).await?;
+/// Reads the nine queries behind `julabo/status` in one go, stopping at the first
+/// failure (the bench and one-shot reads; the service polls slot by slot).
+pub async fn read_all(link: &mut Link) -> Result<Readings, LinkError> {
+    let mut r = Readings::default();
+    for q in CYCLE {
+        let at = UtcNanos::now();
+        let reply = link.query(q).await?;
+        let v = parse_reply(q, &reply).map_err(|e| LinkError::Garbled(q.text(), e))?;
+        r.read(q, v, at);
     }
-    let active = link.int(Query::ActiveSetpoint).await?;
-    if !(0..=2).contains(&active) {
-        return Err(LinkError::Garbled(
-            "IN_MODE_01".into(),
-            crate::protocol::ProtocolError(format!("active set-point {active} is not 0, 1 or 2")),
-        ));
-    }
-    let ext = link.int(Query::ExternalControl).await?;
-    Ok(Reading {
-        measured_at,
-        status,
-        internal_temp,
-        external_temp,
-        power,
-        setpoints,
-        used_setpoint: active as u8 + 1,
-        ext_is_used: ext == 1,
-    })
+    Ok(r)
 }
 
 /// The chiller, its line and what is known about it.
@@ -83,43 +42,95 @@ pub struct Chiller {
     cfg: JulaboConfig,
     endpoint: Endpoint,
     link: Option<Link>,
-    /// Current state.
-    pub state: State,
-    /// The reading of the latest poll; `None` when that poll failed, before the first
-    /// one, and while the line is closed (never an older reading kept as current).
-    pub reading: Option<Reading>,
-    /// Last problem, for the status message.
-    pub error: Option<String>,
-    failures: u32,
+    /// What the unit last said; empty while the line is closed and right after it
+    /// opens (never an older reading kept as current).
+    pub readings: Readings,
+    schedule: Schedule,
+    /// Why the line is closed, for `error` while DISCONNECTED.
+    line_error: Option<String>,
+    status_failures: u32,
+    /// The previous STATUS reported a rejected command and is being asked again.
+    status_reread: bool,
     backoff: Backoff,
     next_open: Instant,
+    /// The state last logged.
+    logged: State,
 }
 
 impl Chiller {
     /// A chiller not yet connected. `cfg` must have been validated.
     pub fn new(cfg: JulaboConfig) -> Result<Chiller, String> {
         let endpoint = Endpoint::parse(&cfg.port)?;
+        let interval = Duration::from_secs_f64(cfg.timing.poll_interval_secs);
         Ok(Chiller {
             cfg,
             endpoint,
             link: None,
-            state: State::Disconnected,
-            reading: None,
-            error: None,
-            failures: 0,
+            readings: Readings::default(),
+            schedule: Schedule::new(interval, Instant::now()),
+            line_error: None,
+            status_failures: 0,
+            status_reread: false,
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             next_open: Instant::now(),
+            logged: State::Disconnected,
         })
     }
 
-    /// Opens the line if it is closed and the backoff allows it. Returns whether it is open.
-    pub async fn ensure_open(&mut self) -> bool {
-        if self.link.is_some() {
-            return true;
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.readings.state(self.link.is_some())
+    }
+
+    /// The next use of the line (see [`Schedule`]).
+    pub fn next_slot(&self, command_waiting: bool) -> Slot {
+        let reopen = self.link.is_none().then_some(self.next_open);
+        self.schedule.next(Instant::now(), command_waiting, reopen)
+    }
+
+    /// Uses one slot chosen by [`Chiller::next_slot`] (opening the line or asking one
+    /// query). Returns whether `julabo/status` is to be published now: a cycle ended,
+    /// a STATUS wanted by a command was read, or the line was lost. (Not after each
+    /// query: a half-read cycle would publish nulls for the fields not read yet.)
+    pub async fn step(&mut self, slot: Slot) -> bool {
+        let was_open = self.link.is_some();
+        let mut publish = false;
+        match slot {
+            Slot::Open => {
+                self.open().await;
+            }
+            Slot::Query(q) => {
+                publish = self.schedule.done(q, Instant::now());
+                if self.ask(q).await.is_err_and(|_| self.link.is_none()) {
+                    publish = false;
+                } else if publish && self.status_reread {
+                    // The STATUS read said only "rejected command": publish the next.
+                    self.schedule.want_status(true);
+                    publish = false;
+                }
+            }
+            Slot::Command | Slot::Idle(_) => {}
         }
-        if Instant::now() < self.next_open {
-            return false;
+        self.note_state();
+        publish || (was_open && self.link.is_none())
+    }
+
+    fn note_state(&mut self) -> State {
+        let s = self.state();
+        if s != self.logged {
+            tracing::info!(
+                from = self.logged.as_str(),
+                to = s.as_str(),
+                status = self.readings.status().map(|s| s.to_string()),
+                "chiller state"
+            );
+            self.logged = s;
         }
+        s
+    }
+
+    /// Opens the line. Returns whether it is open.
+    async fn open(&mut self) -> bool {
         let t = &self.cfg.timing;
         match transport::open(&self.endpoint, &self.cfg.serial, Duration::from_secs(3)).await {
             Ok(port) => {
@@ -132,8 +143,11 @@ impl Chiller {
                     )
                     .with_line_speed(&self.cfg.serial),
                 );
-                self.state = State::Connected;
-                self.failures = 0;
+                // A reopened line starts with nothing known: the unit must answer again.
+                self.readings.clear();
+                self.status_failures = 0;
+                self.status_reread = false;
+                self.schedule.restart(Instant::now());
                 true
             }
             Err(e) => {
@@ -143,93 +157,206 @@ impl Chiller {
         }
     }
 
-    /// Closes the line now; it is reopened on the next poll (after the backoff).
+    /// Closes the line now; it is reopened after the backoff.
     pub fn close(&mut self, why: String) {
-        self.link = None;
         self.lost(why);
     }
 
     fn lost(&mut self, why: String) {
         let delay = self.backoff.next_delay();
-        if self.state != State::Disconnected || self.error.as_deref() != Some(why.as_str()) {
+        if self.link.is_some() || self.line_error.as_deref() != Some(why.as_str()) {
             tracing::warn!(error = %why, retry_in = ?delay, "chiller disconnected");
         }
         self.link = None;
-        // A reopened line starts with nothing known: the unit must answer again first.
-        self.reading = None;
-        self.state = State::Disconnected;
-        self.error = Some(why);
+        self.readings.clear();
+        self.line_error = Some(why);
         self.next_open = Instant::now() + delay;
     }
 
-    /// Reads the unit once and updates the state.
-    pub async fn poll(&mut self) {
-        if !self.ensure_open().await {
-            return;
-        }
+    /// Asks `q` and records the outcome in its field (see the module's liveness rule).
+    async fn ask(&mut self, q: Query) -> Result<Value, LinkError> {
         let Some(link) = self.link.as_mut() else {
-            return;
+            return Err(LinkError::Closed);
         };
-        match read_all(link, self.cfg.power_pv).await {
-            Ok(r) => {
-                let state = State::from_status(&r.status);
-                self.error = match (state, r.status.code) {
-                    (State::Error, 0 | 1) => Some(format!(
-                        "the chiller is under manual control ({}): switch it to remote on its front panel",
-                        r.status
-                    )),
-                    (State::Error, _) => Some(format!("chiller alarm {}", r.status)),
-                    _ => None,
-                };
-                if state != self.state {
-                    tracing::info!(from = self.state.as_str(), to = state.as_str(), status = %r.status.text, "chiller state");
-                }
-                self.state = state;
-                self.reading = Some(r);
-                self.failures = 0;
-                self.backoff.reset();
+        let at = UtcNanos::now();
+        let outcome = match link.query(q).await {
+            Ok(reply) => parse_reply(q, &reply).map_err(|e| LinkError::Garbled(q.text(), e)),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(Value::Status(s)) if s.is_command_error() && !self.status_reread => {
+                // Said once, about an earlier command (one of ours, or a query this unit
+                // does not know): the unit's own state comes with the next STATUS.
+                tracing::debug!(status = %s, "the chiller reports a rejected command");
+                self.status_reread = true;
+                self.schedule.want_status(false);
+                Ok(Value::Status(s))
             }
-            Err(e) => self.failed(e),
+            Ok(v) => {
+                if q == Query::Status {
+                    self.status_reread = false;
+                    self.status_failures = 0;
+                    self.backoff.reset();
+                }
+                if let Some(Field {
+                    outcome: Err(f), ..
+                }) = self.readings.read(q, v.clone(), at)
+                {
+                    tracing::info!(query = q.text(), was = f.reason, "chiller answers again");
+                }
+                Ok(v)
+            }
+            Err(e) if e.line_lost() => {
+                self.lost(e.to_string());
+                Err(e)
+            }
+            Err(e) => {
+                let failure = Failure {
+                    reason: e.to_string(),
+                    garbled: matches!(e, LinkError::Garbled(..)),
+                };
+                let old = self.readings.failed(q, failure.clone(), at);
+                if old.map(|f| f.outcome) != Some(Err(failure)) {
+                    tracing::warn!(query = q.text(), error = %e, "chiller query failed");
+                }
+                if q == Query::Status {
+                    self.status_failures += 1;
+                    if self.status_failures >= self.cfg.timing.failures_before_reconnect {
+                        self.lost(format!("{e} ({} times in a row)", self.status_failures));
+                        return Err(e);
+                    }
+                }
+                // Is the unit still there? STATUS in the next slot says.
+                self.schedule.want_status(false);
+                Err(e)
+            }
         }
     }
 
-    fn failed(&mut self, e: LinkError) {
-        self.failures += 1;
-        // Whatever was read before is not what the unit says now: publishing it again
-        // would make an old value look new (issue 15).
-        self.reading = None;
-        let why = e.to_string();
-        if e.line_lost() || self.failures >= self.cfg.timing.failures_before_reconnect {
-            let why = if e.line_lost() {
-                why
-            } else {
-                format!("{why} ({} times in a row)", self.failures)
-            };
-            self.close(why);
-            return;
+    /// How long a query that got no reply is taken as "this unit does not answer it"
+    /// by a command's checks: the poll going on (an interval and a cycle or two).
+    fn unanswered_for(&self) -> Duration {
+        let t = &self.cfg.timing;
+        let cycle = Duration::from_millis(t.min_spacing_ms.max(250) + 50) * CYCLE.len() as u32;
+        Duration::from_secs_f64(t.poll_interval_secs).max(cycle) + 2 * cycle
+    }
+
+    /// The unit's value of `q`, asked now: a command's safety check never relies on a
+    /// polled value (the front panel may have changed it since). A query that got no
+    /// reply in the poll going on is not asked again (it would only wait for another
+    /// timeout) and gives its failure.
+    async fn current(&mut self, q: Query) -> Result<Value, String> {
+        if let Some(Field {
+            outcome: Err(f), ..
+        }) = self
+            .readings
+            .recent(q, UtcNanos::now(), self.unanswered_for())
+        {
+            if !f.garbled {
+                return Err(f.reason.clone());
+            }
         }
-        tracing::warn!(error = %why, failures = self.failures, "chiller poll failed");
-        let state = if matches!(e, LinkError::Garbled(..)) {
-            State::Error
-        } else {
-            // The line is open but the status is unknown: not ON or OFF any more.
-            State::Connected
+        self.ask(q).await.map_err(|e| e.to_string())
+    }
+
+    /// A set-point about to become the one the unit drives to (`index`, or the active
+    /// one for a start) must be within the limits: one stored out of range from the
+    /// front panel must not be used. When the unit does not say which set-point is
+    /// active, all three must be.
+    async fn check_setpoints(&mut self, index: Option<u8>) -> Result<(), String> {
+        let (indices, unknown_active) = match index {
+            Some(i) => (vec![i], None),
+            None => match self.current(Query::ActiveSetpoint).await {
+                Ok(Value::Int(i @ 0..=2)) => (vec![i as u8], None),
+                _ if self.link.is_none() => {
+                    return Err(format!(
+                        "the chiller is not connected ({})",
+                        self.line_error.as_deref().unwrap_or("line closed")
+                    ))
+                }
+                Ok(_) => (vec![0, 1, 2], Some("an unexpected value".to_string())),
+                Err(e) => (vec![0, 1, 2], Some(e)),
+            },
         };
-        if state != self.state {
-            tracing::info!(
-                from = self.state.as_str(),
-                to = state.as_str(),
-                "chiller state"
-            );
+        let l = &self.cfg.limits;
+        let (lo, hi) = (l.temp_min, l.temp_max);
+        for i in indices {
+            let t = match self.current(Query::Setpoint(i)).await {
+                Ok(Value::Float(t)) => t,
+                Ok(_) => return Err(format!("cannot check set-point {}", i + 1)),
+                Err(e) => return Err(format!("cannot check set-point {}: {e}", i + 1)),
+            };
+            if !(lo..=hi).contains(&t) {
+                let all = unknown_active.as_deref().map_or(String::new(), |why| {
+                    format!(" (the chiller does not say which set-point is active: {why}; so all three must be within)")
+                });
+                return Err(format!(
+                    "set-point {} is {t} degC, outside the configured limits {lo} .. {hi} degC{all}: set it with setWT first",
+                    i + 1
+                ));
+            }
         }
-        self.state = state;
-        self.error = Some(why);
+        Ok(())
     }
 
-    /// Carries out a command; `Err` is the refusal sent back to the operator.
+    /// Reads a whole cycle now (`refresh`), reopening the line first for `reconnect`.
+    /// Only a status actually read counts as done.
+    async fn refresh(&mut self, reconnect: bool) -> Result<(), String> {
+        if reconnect {
+            tracing::info!("reconnect asked");
+            self.link = None;
+            self.readings.clear();
+            self.backoff.reset();
+        }
+        if self.link.is_none() && !self.open().await {
+            return Err(format!(
+                "no status from the chiller: {}",
+                self.line_error.as_deref().unwrap_or("not connected")
+            ));
+        }
+        let started = Instant::now();
+        let known = |r: &Result<Value, LinkError>| matches!(r, Ok(Value::Status(s)) if !s.is_command_error());
+        let mut status_read = false;
+        for q in CYCLE {
+            if self.link.is_none() {
+                break;
+            }
+            let r = self.ask(q).await;
+            if q == Query::Status {
+                status_read = known(&r);
+            }
+        }
+        // The first query after opening may be lost (SPEC 5.1), and a rejected-command
+        // report hides the state: once more.
+        if !status_read && self.link.is_some() {
+            status_read = known(&self.ask(Query::Status).await);
+        }
+        self.schedule.completed(started);
+        if status_read && self.link.is_some() {
+            return Ok(());
+        }
+        Err(format!(
+            "no status from the chiller: {}",
+            self.readings
+                .problems()
+                .or(self.line_error.clone())
+                .unwrap_or("not connected".into())
+        ))
+    }
+
+    /// Carries out a command; `Err` is the refusal sent back to the operator. A write
+    /// is confirmed by reading the value back. Start and stop read STATUS before the
+    /// reply (it carries the new state); other writes leave it owed to the next slot,
+    /// published from there (see [`Chiller::step`], [`Chiller::status_owed`]).
     pub async fn execute(&mut self, cmd: &JulaboCommand) -> Result<(), String> {
+        let result = self.carry_out(cmd).await;
+        self.note_state();
+        result
+    }
+
+    async fn carry_out(&mut self, cmd: &JulaboCommand) -> Result<(), String> {
+        let l = &self.cfg.limits;
         if let JulaboCommand::SetWT { temp, .. } = cmd {
-            let l = &self.cfg.limits;
             if !(l.temp_min..=l.temp_max).contains(temp) {
                 return Err(format!(
                     "temp {} is outside the configured limits {} .. {} degC",
@@ -239,46 +366,9 @@ impl Chiller {
                 ));
             }
         }
-        match cmd {
-            JulaboCommand::Refresh | JulaboCommand::Reconnect => {
-                if *cmd == JulaboCommand::Reconnect {
-                    self.link = None;
-                    self.reading = None;
-                    self.state = State::Disconnected;
-                    self.next_open = Instant::now();
-                    self.backoff.reset();
-                }
-                self.poll().await;
-                if self.state == State::Connected {
-                    // The first query after opening may be lost (SPEC 5.1): once more.
-                    self.poll().await;
-                }
-                // Only a status actually read counts as done.
-                return match self.state {
-                    State::Disconnected | State::Connected => Err(format!(
-                        "no status from the chiller: {}",
-                        self.error.as_deref().unwrap_or("not connected")
-                    )),
-                    _ => Ok(()),
-                };
-            }
-            _ => {}
-        }
-        if self.link.is_none() {
-            return Err(format!(
-                "the chiller is not connected ({})",
-                self.error.as_deref().unwrap_or("line closed")
-            ));
-        }
-        if let Some(r) = &self.reading {
-            if r.status.is_manual() {
-                return Err(format!(
-                    "the chiller is under manual control ({}): switch it to remote on its front panel",
-                    r.status
-                ));
-            }
-        }
         let write = match *cmd {
+            JulaboCommand::Refresh => return self.refresh(false).await,
+            JulaboCommand::Reconnect => return self.refresh(true).await,
             JulaboCommand::Start => Write::Run(true),
             JulaboCommand::Stop => Write::Run(false),
             JulaboCommand::UseExt => Write::ExternalControl(true),
@@ -286,102 +376,105 @@ impl Chiller {
             JulaboCommand::SetWT { setpoint, temp } => Write::Setpoint(setpoint - 1, temp),
             JulaboCommand::UseSP(n) => Write::ActiveSetpoint(n - 1),
             JulaboCommand::SetPress(p) => Write::PumpStage(p),
-            JulaboCommand::Refresh | JulaboCommand::Reconnect => return Ok(()),
         };
+        if self.link.is_none() {
+            return Err(format!(
+                "the chiller is not connected ({})",
+                self.line_error.as_deref().unwrap_or("line closed")
+            ));
+        }
+        if let Some(s) = self.readings.status().filter(|s| s.is_manual()) {
+            return Err(format!(
+                "the chiller is under manual control ({s}): switch it to remote on its front panel"
+            ));
+        }
+        match *cmd {
+            JulaboCommand::Start => self.check_setpoints(None).await?,
+            JulaboCommand::UseSP(n) => self.check_setpoints(Some(n - 1)).await?,
+            _ => {}
+        }
         let Some(link) = self.link.as_mut() else {
             return Err("the chiller is not connected".into());
         };
-        // A set-point stored out of range (from the front panel, say) must not become
-        // the one the unit drives to.
-        let activates = match *cmd {
-            JulaboCommand::UseSP(n) => Some(Ok(n - 1)),
-            JulaboCommand::Start => Some(
-                link.int(Query::ActiveSetpoint)
-                    .await
-                    .map(|i| i.clamp(0, 2) as u8),
-            ),
-            _ => None,
-        };
-        if let Some(index) = activates {
-            let checked = match index {
-                Ok(i) => link.float(Query::Setpoint(i)).await.map(|t| (i, t)),
-                Err(e) => Err(e),
-            };
-            let (index, t) = match checked {
-                Ok(v) => v,
-                Err(e) => return Err(self.command_failed(e)),
-            };
-            let l = &self.cfg.limits;
-            if !(l.temp_min..=l.temp_max).contains(&t) {
-                return Err(format!(
-                    "set-point {} is {t} degC, outside the configured limits {} .. {} degC: set it with setWT first",
-                    index + 1,
-                    l.temp_min,
-                    l.temp_max
-                ));
-            }
-        }
+        let at = UtcNanos::now();
         let result = link.write(write).await;
-        match result {
-            Ok(()) => {
-                self.poll().await;
+        let outcome = match result {
+            Ok(v) => {
+                // What confirmed the write is the unit's current value: keep it.
+                if let Some((q, reply)) = v.readback {
+                    if let Ok(value) = parse_reply(q, &reply) {
+                        self.readings.read(q, value, at);
+                    }
+                }
+                if let Some(s) = v.status {
+                    self.readings.read(Query::Status, Value::Status(s), at);
+                }
+                if matches!(write, Write::Run(_)) {
+                    // Start and stop change the state: the reply carries it, read now.
+                    let known = matches!(self.ask(Query::Status).await,
+                        Ok(Value::Status(s)) if !s.is_command_error());
+                    if known || self.link.is_none() {
+                        return Ok(());
+                    }
+                }
                 Ok(())
             }
-            Err(e) => Err(self.command_failed(e)),
+            Err(e) if e.line_lost() => {
+                let msg = e.to_string();
+                self.lost(msg.clone());
+                Err(msg)
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if self.link.is_some() {
+            self.schedule.want_status(true);
         }
+        outcome
     }
 
-    /// A command's conversation failed: the refusal text. A unit that does not answer
-    /// (or a line that is gone) counts as a failed poll, so its last reading is not
-    /// published again as current.
-    fn command_failed(&mut self, e: LinkError) -> String {
-        let msg = e.to_string();
-        if e.line_lost() || matches!(e, LinkError::Timeout(..)) {
-            self.failed(e);
-        }
-        msg
+    /// Whether a STATUS is owed to a command and will be published once read.
+    pub fn status_owed(&self) -> bool {
+        self.schedule.status_owed()
     }
 
-    /// The `julabo/status` payload (the Python stack's fields, plus `status_text`,
-    /// `running`, `error` and `measured_at`, nanoseconds since the Unix epoch, UTC, as
-    /// the suite's `time` fields). Without a reading of the latest poll every reading
-    /// field and `measured_at` are null and `error` says why. Published again without
-    /// a new poll (after a refused command, say), it keeps the reading's `measured_at`.
+    /// The `julabo/status` payload (see [`Readings::to_json`]); while DISCONNECTED
+    /// every reading is null and `error` says why the line is down.
     pub fn status_json(&self) -> serde_json::Value {
-        let r = self
-            .reading
-            .as_ref()
-            .filter(|_| self.state != State::Disconnected);
-        json!({
-            "status_code": r.map(|r| r.status.code),
-            "status_text": r.map(|r| r.status.text.clone()),
-            "internal_temp": r.map(|r| r.internal_temp),
-            "external_temp": r.map(|r| r.external_temp),
-            "setpoint_1": r.map(|r| r.setpoints[0]),
-            "setpoint_2": r.map(|r| r.setpoints[1]),
-            "setpoint_3": r.map(|r| r.setpoints[2]),
-            "used_setpoint": r.map(|r| r.used_setpoint),
-            "power": r.map(|r| r.power),
-            "ext_is_used": r.map(|r| r.ext_is_used),
-            "running": r.map(|r| r.status.code == 3 || r.status.code == 1),
-            "fsm_state": self.state.as_str(),
-            "error": self.error,
-            "measured_at": r.map(|r| r.measured_at.as_nanos()),
-        })
+        let state = self.state();
+        let error = if state == State::Disconnected {
+            self.line_error.clone()
+        } else {
+            self.readings.problems()
+        };
+        self.readings
+            .to_json(state, error.as_deref(), self.cfg.power_pv)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
+    use std::collections::HashSet;
+    use std::sync::{Arc, Mutex};
 
+    use serde_json::json;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
-    /// A unit on an in-memory pipe, running at 5 degC; `silent` stops its replies.
-    fn fake_unit(silent: Arc<AtomicBool>) -> Link {
+    /// What the fake unit does: queries it does not know (no reply, and -08 once on
+    /// the next STATUS, as a real unit), silence, and the commands it received.
+    #[derive(Default)]
+    struct Unit {
+        unknown: HashSet<String>,
+        silent: bool,
+        running: bool,
+        setpoints: [f64; 3],
+        invalid: bool,
+        got: Vec<String>,
+    }
+
+    /// A unit on an in-memory pipe, at 5 degC.
+    fn fake_unit(unit: Arc<Mutex<Unit>>) -> Link {
         let (ours, mut theirs) = tokio::io::duplex(1024);
         tokio::spawn(async move {
             let mut buf = Vec::new();
@@ -394,24 +487,51 @@ mod tests {
                 while let Some(i) = buf.iter().position(|&b| b == b'\r') {
                     let line: Vec<u8> = buf.drain(..=i).collect();
                     let cmd = String::from_utf8_lossy(&line[..i]).into_owned();
-                    let reply = match cmd.as_str() {
-                        "STATUS" => "03 REMOTE START",
-                        "IN_PV_00" => "5.10",
-                        "IN_PV_01" => "-40.0",
-                        "IN_PV_02" => "6.20",
-                        "IN_SP_00" => "5.00",
-                        "IN_SP_01" => "10.00",
-                        "IN_SP_02" => "15.00",
-                        "IN_MODE_01" | "IN_MODE_04" => "0",
-                        _ => continue,
+                    let reply = {
+                        let mut u = unit.lock().unwrap();
+                        u.got.push(cmd.clone());
+                        let word = cmd.split(' ').next().unwrap_or("").to_string();
+                        if u.silent {
+                            None
+                        } else if u.unknown.contains(&word) {
+                            u.invalid = true;
+                            None
+                        } else {
+                            let arg = cmd.split(' ').nth(1).unwrap_or("");
+                            match word.as_str() {
+                                "STATUS" if std::mem::take(&mut u.invalid) => {
+                                    Some("-08 INVALID COMMAND".to_string())
+                                }
+                                "STATUS" if u.running => Some("03 REMOTE START".into()),
+                                "STATUS" => Some("02 REMOTE STOP".into()),
+                                "IN_PV_00" => Some("5.10".into()),
+                                "IN_PV_01" => Some("-40.0".into()),
+                                "IN_PV_02" => Some("6.20".into()),
+                                "IN_SP_00" => Some(format!("{:.2}", u.setpoints[0])),
+                                "IN_SP_01" => Some(format!("{:.2}", u.setpoints[1])),
+                                "IN_SP_02" => Some(format!("{:.2}", u.setpoints[2])),
+                                "IN_MODE_01" | "IN_MODE_04" => Some("0".into()),
+                                "IN_MODE_05" => Some(u8::from(u.running).to_string()),
+                                "OUT_MODE_05" => {
+                                    u.running = arg == "1";
+                                    None
+                                }
+                                "OUT_SP_00" => {
+                                    u.setpoints[0] = arg.parse().unwrap();
+                                    None
+                                }
+                                _ => None,
+                            }
+                        }
                     };
-                    if !silent.load(Ordering::SeqCst)
-                        && theirs
-                            .write_all(format!("{reply}\r\n").as_bytes())
+                    if let Some(r) = reply {
+                        if theirs
+                            .write_all(format!("{r}\r\n").as_bytes())
                             .await
                             .is_err()
-                    {
-                        return;
+                        {
+                            return;
+                        }
                     }
                 }
             }
@@ -423,16 +543,40 @@ mod tests {
         )
     }
 
-    fn chiller(failures_before_reconnect: u32, silent: Arc<AtomicBool>) -> Chiller {
+    fn unit() -> Arc<Mutex<Unit>> {
+        Arc::new(Mutex::new(Unit {
+            running: true,
+            setpoints: [5.0, 10.0, 15.0],
+            ..Unit::default()
+        }))
+    }
+
+    fn chiller(u: &Arc<Mutex<Unit>>) -> Chiller {
         let cfg: JulaboConfig = serde_json::from_value(json!({
             "port": "tcp://127.0.0.1:1",
-            "timing": {"failures_before_reconnect": failures_before_reconnect},
+            "timing": {"failures_before_reconnect": 3},
         }))
         .unwrap();
         let mut c = Chiller::new(cfg).unwrap();
-        c.link = Some(fake_unit(silent));
-        c.state = State::Connected;
+        c.link = Some(fake_unit(u.clone()));
+        c.schedule.restart(Instant::now());
         c
+    }
+
+    /// Runs the schedule (no command) until it publishes with nothing left to do
+    /// (a cycle ended, or the line closed); returns the status.
+    async fn until_published(c: &mut Chiller) -> serde_json::Value {
+        for _ in 0..100 {
+            match c.next_slot(false) {
+                Slot::Idle(t) => tokio::time::sleep_until(t).await,
+                slot => {
+                    if c.step(slot).await && matches!(c.next_slot(false), Slot::Idle(_)) {
+                        return c.status_json();
+                    }
+                }
+            }
+        }
+        panic!("never published");
     }
 
     const READINGS: [&str; 11] = [
@@ -450,11 +594,11 @@ mod tests {
     ];
 
     #[tokio::test(start_paused = true)]
-    async fn a_reading_carries_when_it_was_measured() {
-        let mut c = chiller(3, Arc::default());
+    async fn a_cycle_carries_when_it_was_measured() {
+        let u = unit();
+        let mut c = chiller(&u);
         let before = UtcNanos::now();
-        c.poll().await;
-        let s = c.status_json();
+        let s = until_published(&mut c).await;
         assert_eq!(
             (&s["fsm_state"], &s["running"], &s["internal_temp"]),
             (&json!("ON"), &json!(true), &json!(5.1)),
@@ -465,63 +609,173 @@ mod tests {
             at >= before.as_nanos() && at <= UtcNanos::now().as_nanos(),
             "{s}"
         );
-        // Published again without a poll: the same instant, not a new one.
         assert_eq!(c.status_json()["measured_at"], at);
+        assert_eq!(u.lock().unwrap().got.len(), 9, "one query per field");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_failed_poll_publishes_nulls_and_why_never_the_last_reading() {
-        let silent = Arc::new(AtomicBool::new(false));
-        let mut c = chiller(3, silent.clone());
-        c.poll().await;
-        assert_eq!(c.status_json()["running"], true);
-
-        silent.store(true, Ordering::SeqCst);
-        c.poll().await;
-        let s = c.status_json();
-        for k in READINGS.iter().chain(&["measured_at"]) {
-            assert!(s[k].is_null(), "{k} after a failed poll: {s}");
+    async fn a_query_the_unit_does_not_know_blanks_only_its_field() {
+        let u = unit();
+        u.lock().unwrap().unknown.insert("IN_MODE_01".into());
+        let mut c = chiller(&u);
+        for _ in 0..3 {
+            let s = until_published(&mut c).await;
+            assert_eq!(s["used_setpoint"], serde_json::Value::Null, "{s}");
+            assert_eq!(
+                (
+                    &s["fsm_state"],
+                    &s["running"],
+                    &s["setpoint_1"],
+                    &s["ext_is_used"]
+                ),
+                (&json!("ON"), &json!(true), &json!(5.0), &json!(false)),
+                "{s}"
+            );
+            assert_eq!(s["error"], "no reply to IN_MODE_01 within 1s", "{s}");
         }
-        assert_eq!(s["fsm_state"], "CONNECTED", "{s}");
-        assert_eq!(s["error"], "no reply to STATUS within 1s", "{s}");
+        // The probe after the silence read the -08 and then the real status: the unit
+        // never looked like it was in error, and the line stayed open.
+        assert_eq!(c.state(), State::On);
 
-        // The unit answers again: a new reading, measured after the old one.
-        silent.store(false, Ordering::SeqCst);
-        c.poll().await;
-        let s = c.status_json();
+        // Commands work, the start's set-point check included (the unit does not say
+        // which set-point is active: all three are within the limits).
+        u.lock().unwrap().running = false;
+        c.execute(&JulaboCommand::SetWT {
+            setpoint: 1,
+            temp: -20.0,
+        })
+        .await
+        .unwrap();
+        c.execute(&JulaboCommand::Start).await.unwrap();
+        let s = until_published(&mut c).await;
         assert_eq!(
-            (&s["running"], &s["error"]),
-            (&json!(true), &serde_json::Value::Null)
+            (&s["running"], &s["setpoint_1"]),
+            (&json!(true), &json!(-20.0)),
+            "{s}"
         );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_reopened_line_shows_nothing_until_the_unit_answers() {
-        let silent = Arc::new(AtomicBool::new(false));
-        let mut c = chiller(1, silent.clone());
-        c.poll().await;
-        assert_eq!(c.status_json()["running"], true);
-        silent.store(true, Ordering::SeqCst);
-        c.poll().await; // one failure closes the line
-        assert_eq!(c.state, State::Disconnected);
-        // Reopened by hand (the backoff would reopen tcp://127.0.0.1:1 and fail).
-        c.link = Some(fake_unit(silent.clone()));
-        c.state = State::Connected;
-        let s = c.status_json();
-        for k in READINGS.iter().chain(&["measured_at"]) {
-            assert!(s[k].is_null(), "{k} after a reopen: {s}");
-        }
-        assert!(s["error"].as_str().unwrap().contains("no reply"), "{s}");
+    async fn a_start_is_refused_when_a_setpoint_it_may_use_is_out_of_range() {
+        let u = unit();
+        u.lock().unwrap().unknown.insert("IN_MODE_01".into());
+        u.lock().unwrap().setpoints[2] = 80.0;
+        u.lock().unwrap().running = false;
+        let mut c = chiller(&u);
+        until_published(&mut c).await;
+        let e = c.execute(&JulaboCommand::Start).await.unwrap_err();
+        assert!(
+            e.contains("set-point 3 is 80 degC") && e.contains("all three"),
+            "{e}"
+        );
+        assert!(!u.lock().unwrap().running);
+        assert!(!u.lock().unwrap().got.iter().any(|g| g.starts_with("OUT_")));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_command_the_unit_does_not_answer_drops_the_reading() {
-        let silent = Arc::new(AtomicBool::new(false));
-        let mut c = chiller(3, silent.clone());
-        c.poll().await;
-        silent.store(true, Ordering::SeqCst);
-        let e = c.execute(&JulaboCommand::Start).await.unwrap_err();
+    async fn a_start_checks_the_setpoint_now_and_reads_back_at_once() {
+        let u = unit();
+        u.lock().unwrap().running = false;
+        let mut c = chiller(&u);
+        until_published(&mut c).await;
+        u.lock().unwrap().got.clear();
+        let t0 = Instant::now();
+        c.execute(&JulaboCommand::Start).await.unwrap();
+        // The active set-point and its value read now (never from the poll: the front
+        // panel may have changed them), the write, its read-back, and the STATUS the
+        // reply carries.
+        assert_eq!(
+            u.lock().unwrap().got,
+            [
+                "IN_MODE_01",
+                "IN_SP_00",
+                "OUT_MODE_05 1",
+                "IN_MODE_05",
+                "STATUS"
+            ]
+        );
+        assert!(
+            t0.elapsed() < Duration::from_millis(1300),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!((c.state(), c.status_owed()), (State::On, false));
+        assert_eq!(c.status_json()["running"], true);
+
+        // Other writes reply after the read-back; their STATUS is owed and published.
+        c.execute(&JulaboCommand::SetWT {
+            setpoint: 1,
+            temp: 7.0,
+        })
+        .await
+        .unwrap();
+        assert_eq!(c.status_json()["setpoint_1"], 7.0);
+        assert!(c.status_owed());
+        assert_eq!(c.next_slot(false), Slot::Query(Query::Status));
+        assert!(c.step(Slot::Query(Query::Status)).await);
+        assert!(!c.status_owed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_unit_is_disconnected_after_status_fails_three_times() {
+        let u = unit();
+        let mut c = chiller(&u);
+        until_published(&mut c).await;
+        u.lock().unwrap().silent = true;
+        if let Slot::Idle(t) = c.next_slot(false) {
+            tokio::time::sleep_until(t).await;
+        }
+        let t0 = Instant::now();
+        let s = until_published(&mut c).await;
+        assert_eq!(s["fsm_state"], "DISCONNECTED", "{s}");
+        for k in READINGS.iter().chain(&["measured_at"]) {
+            assert!(s[k].is_null(), "{k} after the unit went silent: {s}");
+        }
+        assert!(
+            s["error"].as_str().unwrap().contains("3 times in a row"),
+            "{s}"
+        );
+        // The cycle's STATUS and two probes, 1 s each plus spacing: not three cycles.
+        assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_without_reply_shows_unknown_not_the_last_one() {
+        let u = unit();
+        let mut c = chiller(&u);
+        until_published(&mut c).await;
+        u.lock().unwrap().unknown.insert("STATUS".into());
+        // First failure: the status is unknown, not ON any more.
+        loop {
+            let slot = c.next_slot(false);
+            if let Slot::Idle(t) = slot {
+                tokio::time::sleep_until(t).await;
+                continue;
+            }
+            c.step(slot).await;
+            if c.readings.status().is_none() {
+                break;
+            }
+        }
+        let s = c.status_json();
+        assert_eq!(
+            (&s["fsm_state"], &s["running"]),
+            (&json!("CONNECTED"), &json!(null)),
+            "{s}"
+        );
+        assert_eq!(s["internal_temp"], 5.1, "the other fields stay");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_command_the_unit_does_not_answer_is_refused_and_probed() {
+        let u = unit();
+        let mut c = chiller(&u);
+        until_published(&mut c).await;
+        u.lock().unwrap().silent = true;
+        let e = c.execute(&JulaboCommand::Stop).await.unwrap_err();
         assert!(e.contains("no reply"), "{e}");
+        assert_eq!(c.next_slot(false), Slot::Query(Query::Status));
+        c.step(Slot::Query(Query::Status)).await;
         assert!(c.status_json()["running"].is_null());
     }
 }

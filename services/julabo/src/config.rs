@@ -73,9 +73,12 @@ pub struct Timing {
     pub min_spacing_ms: u64,
     /// How long to wait for a reply.
     pub reply_timeout_ms: u64,
-    /// Status poll period.
+    /// Time from the start of one read of the unit (nine queries) to the start of the
+    /// next. Shorter than a read (9 x `min_spacing_ms`), including 0, means
+    /// continuously; commands take the next free slot either way.
     pub poll_interval_secs: f64,
-    /// Consecutive failed polls before the line is reopened.
+    /// STATUS queries in a row without a valid reply before the unit counts as gone
+    /// and the line is reopened (other queries failing only blank their field).
     pub failures_before_reconnect: u32,
 }
 
@@ -146,8 +149,11 @@ impl Validate for JulaboConfig {
             return err("timing.reply_timeout_ms", "must be between 1 and 60000");
         }
         // Written so that NaN and infinity fail too.
-        if !(t.poll_interval_secs.is_finite() && (0.5..=3600.0).contains(&t.poll_interval_secs)) {
-            return err("timing.poll_interval_secs", "must be between 0.5 and 3600");
+        if !(t.poll_interval_secs.is_finite() && (0.0..=3600.0).contains(&t.poll_interval_secs)) {
+            return err(
+                "timing.poll_interval_secs",
+                "must be between 0 (poll continuously) and 3600",
+            );
         }
         if t.failures_before_reconnect == 0 {
             return err("timing.failures_before_reconnect", "must be > 0");

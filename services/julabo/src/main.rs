@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgGroup, Parser};
-use julabo::chiller::read_all;
 use julabo::config::{JulaboConfig, SerialSettings};
 use julabo::protocol::{Query, Write};
 use julabo::transport::{self, Endpoint, Link, LinkError};
@@ -151,8 +150,12 @@ async fn one_shot(a: &Args, port: &str) -> Result<String, String> {
     } else if a.read_int {
         format!("{:.2}", link.float(Query::BathTemp).await.map_err(e)?)
     } else if a.read_pow {
-        let r = read_all(&mut link, a.power_pv).await.map_err(e)?;
-        format!("{:.1}", r.power)
+        let q = if a.power_pv == 2 {
+            Query::Pv2
+        } else {
+            Query::Pv1
+        };
+        format!("{:.1}", link.float(q).await.map_err(e)?)
     } else if a.read_sp {
         let n = link.int(Query::ActiveSetpoint).await.map_err(e)?;
         let n = u8::try_from(n)

@@ -165,6 +165,12 @@ impl Status {
     pub fn is_error(&self) -> bool {
         self.code < 0
     }
+
+    /// -08 .. -13: the unit reports once that it rejected the previous command; this
+    /// says nothing about its operating state, which STATUS gives again next time.
+    pub fn is_command_error(&self) -> bool {
+        (-13..=-8).contains(&self.code)
+    }
 }
 
 impl fmt::Display for Status {
@@ -220,6 +226,38 @@ pub fn parse_status(reply: &str) -> Result<Status, ProtocolError> {
         text.to_string()
     };
     Ok(Status { code, text })
+}
+
+/// A reply, parsed for the query it answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// STATUS.
+    Status(Status),
+    /// A temperature, power or set-point.
+    Float(f64),
+    /// A mode (`IN_MODE_0n`).
+    Int(i64),
+}
+
+/// Parses the reply to `q`. The active set-point must be 0, 1 or 2 and the modes 0
+/// or 1: anything else is not an answer this driver can act on.
+pub fn parse_reply(q: Query, reply: &str) -> Result<Value, ProtocolError> {
+    match q {
+        Query::Status => parse_status(reply).map(Value::Status),
+        Query::Version => Ok(Value::Int(0)),
+        Query::BathTemp | Query::Pv1 | Query::Pv2 | Query::Setpoint(_) => {
+            parse_float(reply).map(Value::Float)
+        }
+        Query::ActiveSetpoint | Query::ExternalControl | Query::Running => {
+            let max = if q == Query::ActiveSetpoint { 2 } else { 1 };
+            let v = parse_int(reply)?;
+            if (0..=max).contains(&v) {
+                Ok(Value::Int(v))
+            } else {
+                Err(ProtocolError(format!("expected 0 .. {max}, got {v}")))
+            }
+        }
+    }
 }
 
 /// Splits received bytes into reply lines: each ends at LF; a CR before it and
@@ -292,6 +330,26 @@ mod tests {
         assert!(parse_status("99 WHAT").is_err());
         assert!(parse_status("garbage").is_err());
         assert!(parse_status("").is_err());
+    }
+
+    #[test]
+    fn replies_are_parsed_for_their_query() {
+        assert_eq!(
+            parse_reply(Query::Setpoint(1), " 18.00"),
+            Ok(Value::Float(18.0))
+        );
+        assert_eq!(parse_reply(Query::ActiveSetpoint, "2"), Ok(Value::Int(2)));
+        assert!(parse_reply(Query::ActiveSetpoint, "3")
+            .unwrap_err()
+            .0
+            .contains("0 .. 2"));
+        assert!(parse_reply(Query::ExternalControl, "2").is_err());
+        assert!(parse_reply(Query::BathTemp, "03 REMOTE START").is_err());
+        assert!(matches!(
+            parse_reply(Query::Status, "-08 INVALID COMMAND"),
+            Ok(Value::Status(s)) if s.is_command_error()
+        ));
+        assert!(!parse_status("-01 LOW LEVEL").unwrap().is_command_error());
     }
 
     #[test]

@@ -1,15 +1,34 @@
 //! The `julabo` service: polls the chiller, publishes `<name>/status` (retained), and
 //! carries out `<name>/cmd/...` with one reply each.
+//!
+//! Commands go first: the line carries one paced query at a time, and between two of
+//! them the loop takes in every command that has arrived; a command waiting gets the
+//! next slot, never the end of a poll cycle. Commands are carried out and replied to
+//! in the order they arrived (malformed ones too, so replies keep that order).
 
-use std::time::Duration;
+use std::collections::VecDeque;
 
-use dcs_shared::command;
+use dcs_shared::command::{self, CommandError};
 use dcs_shared::shutdown::CancellationToken;
-use dcs_shared::{MqttSettings, QoS, Reply, Session, SessionEvent, SessionOptions};
+use dcs_shared::{Message, MqttSettings, QoS, Reply, Session, SessionEvent, SessionOptions};
+use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::chiller::Chiller;
 use crate::commands::JulaboCommand;
 use crate::config::JulaboConfig;
+use crate::schedule::Slot;
+
+type Queue = VecDeque<(Message, Result<JulaboCommand, CommandError>)>;
+
+/// Queues a command (anything else from the session needs nothing from us: retained
+/// state is restored by the session itself).
+fn take(name: &str, ev: SessionEvent, queue: &mut Queue) {
+    if let SessionEvent::Message(msg) = ev {
+        if let Some(parsed) = command::parse::<JulaboCommand>(name, &msg) {
+            queue.push_back((msg, parsed));
+        }
+    }
+}
 
 /// Runs until `shutdown`.
 pub async fn run(
@@ -18,7 +37,6 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let name = cfg.name.clone();
-    let poll_every = Duration::from_secs_f64(cfg.timing.poll_interval_secs);
     let mut chiller = Chiller::new(cfg).map_err(anyhow::Error::msg)?;
     let options = SessionOptions::new(&name).subscribe(&format!("{name}/cmd/#"), QoS::AtLeastOnce);
     let (session, mut events) = Session::start(&mqtt, options)?;
@@ -26,33 +44,59 @@ pub async fn run(
     let publish = |c: &Chiller| session.publish_state(&status_topic, c.status_json().to_string());
     publish(&chiller);
 
-    let mut tick = tokio::time::interval(poll_every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {
-                chiller.poll().await;
-                publish(&chiller);
+    let mut queue = Queue::new();
+    'run: loop {
+        loop {
+            match events.try_recv() {
+                Ok(ev) => take(&name, ev, &mut queue),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => break 'run,
             }
-            ev = events.recv() => match ev {
-                None => break,
-                Some(SessionEvent::Message(msg)) => {
-                    let Some(parsed) = command::parse::<JulaboCommand>(&name, &msg) else { continue };
-                    let reply = match parsed {
-                        Err(e) => Reply::err(&msg.topic, e, chiller.state.as_str()),
-                        Ok(cmd) => {
-                            let result = chiller.execute(&cmd).await;
-                            publish(&chiller);
-                            Reply::from_result(&msg.topic, result, chiller.state.as_str())
+        }
+        match chiller.next_slot(!queue.is_empty()) {
+            Slot::Command => {
+                let Some((msg, parsed)) = queue.pop_front() else {
+                    continue;
+                };
+                let reply = match parsed {
+                    Err(e) => Reply::err(&msg.topic, e, chiller.state().as_str()),
+                    Ok(cmd) => {
+                        let result = tokio::select! {
+                            _ = shutdown.cancelled() => break 'run,
+                            r = chiller.execute(&cmd) => r,
+                        };
+                        if let Err(e) = &result {
+                            tracing::info!(topic = msg.topic, error = %e, "command refused");
                         }
-                    };
-                    if let Err(e) = session.reply(&msg, &reply).await {
-                        tracing::warn!(error = %e, "cannot send reply");
+                        // Unless a STATUS still owed to this command will publish it.
+                        if !chiller.status_owed() {
+                            publish(&chiller);
+                        }
+                        Reply::from_result(&msg.topic, result, chiller.state().as_str())
                     }
+                };
+                if let Err(e) = session.reply(&msg, &reply).await {
+                    tracing::warn!(error = %e, "cannot send reply");
                 }
-                Some(_) => {}
+            }
+            Slot::Idle(until) => tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'run,
+                ev = events.recv() => match ev {
+                    Some(ev) => take(&name, ev, &mut queue),
+                    None => break 'run,
+                },
+                _ = tokio::time::sleep_until(until) => {}
             },
+            slot => {
+                let publish_now = tokio::select! {
+                    _ = shutdown.cancelled() => break 'run,
+                    p = chiller.step(slot) => p,
+                };
+                if publish_now {
+                    publish(&chiller);
+                }
+            }
         }
     }
     session.shutdown().await;

@@ -275,29 +275,51 @@ impl Link {
         protocol::parse_status(&r).map_err(|e| LinkError::Garbled("STATUS".into(), e))
     }
 
-    /// Writes and verifies: the unit answers nothing, so STATUS tells whether it
-    /// refused the command, and the value is read back where the unit can.
-    pub async fn write(&mut self, w: Write) -> Result<(), LinkError> {
+    /// Writes and verifies. The unit answers nothing to a write, so the value is read
+    /// back at once where the unit can (one slot, not two); STATUS is asked only to
+    /// explain a read-back that differs (did the unit refuse it?) or, for a write
+    /// without read-back, to see that it was not refused.
+    pub async fn write(&mut self, w: Write) -> Result<Verified, LinkError> {
         let text = w.text();
         self.send(&text).await?;
+        let Some(q) = w.readback() else {
+            let status = self.status().await?;
+            if status.is_command_error() {
+                return Err(LinkError::Refused(text, status));
+            }
+            if status.is_error() {
+                return Err(LinkError::Unverified(text, status));
+            }
+            return Ok(Verified {
+                readback: None,
+                status: Some(status),
+            });
+        };
+        let reply = self.query(q).await?;
+        if w.confirmed_by(&reply) == Ok(true) {
+            return Ok(Verified {
+                readback: Some((q, reply)),
+                status: None,
+            });
+        }
         let status = self.status().await?;
-        if (-13..=-8).contains(&status.code) {
+        if status.is_command_error() {
             return Err(LinkError::Refused(text, status));
         }
-        if status.is_error() && w.readback().is_none() {
-            return Err(LinkError::Unverified(text, status));
-        }
-        if let Some(q) = w.readback() {
-            let reply = self.query(q).await?;
-            let ok = w
-                .confirmed_by(&reply)
-                .map_err(|e| LinkError::Garbled(q.text(), e))?;
-            if !ok {
-                return Err(LinkError::NotApplied(text, reply));
-            }
-        }
-        Ok(())
+        Err(match w.confirmed_by(&reply) {
+            Err(e) => LinkError::Garbled(q.text(), e),
+            Ok(_) => LinkError::NotApplied(text, reply),
+        })
     }
+}
+
+/// What a confirmed write read to confirm it, so the caller can keep it as current.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    /// The read-back query and its reply.
+    pub readback: Option<(Query, String)>,
+    /// The STATUS read (writes without read-back).
+    pub status: Option<Status>,
 }
 
 #[cfg(test)]
@@ -358,11 +380,13 @@ mod tests {
             Duration::from_millis(250),
             Duration::from_secs(1),
         );
-        link.write(Write::Setpoint(0, -5.0)).await.unwrap();
+        let v = link.write(Write::Setpoint(0, -5.0)).await.unwrap();
+        assert_eq!(v.readback, Some((Query::Setpoint(0), "-5.00".into())));
         assert_eq!(link.status().await.unwrap().code, 3);
         drop(link);
         let (got, times) = peer.await.unwrap();
-        assert_eq!(got, vec!["OUT_SP_00 -5.00", "STATUS", "IN_SP_00", "STATUS"]);
+        // Read back at once; STATUS only when asked for.
+        assert_eq!(got, vec!["OUT_SP_00 -5.00", "IN_SP_00", "STATUS"]);
         for w in times.windows(2) {
             assert!(
                 w[1] - w[0] >= Duration::from_millis(250),
