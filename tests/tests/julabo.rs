@@ -284,14 +284,32 @@ fn stack() -> Stack {
 /// The same on `broker`, with `mqtt_extra` added to the driver's `mqtt:` section
 /// (`", version: 5"`).
 fn stack_on(broker: Broker, mqtt_extra: &str) -> Stack {
-    let sim = Sim::start(&["--min-spacing-ms", "30"]);
+    stack_with(
+        broker,
+        &["--min-spacing-ms", "30"],
+        "min_spacing_ms: 40, poll_interval_secs: 0.5, reply_timeout_ms: 300, failures_before_reconnect: 2",
+        "baud: 115200",
+        mqtt_extra,
+    )
+}
+
+/// A simulator started with `sim_args` and the driver with `timing` and `serial`
+/// (the insides of those YAML mappings).
+fn stack_with(
+    broker: Broker,
+    sim_args: &[&str],
+    timing: &str,
+    serial: &str,
+    mqtt_extra: &str,
+) -> Stack {
+    let sim = Sim::start(sim_args);
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("julabo.yaml");
     std::fs::write(
         &cfg,
         format!(
-            "name: julabo\nport: {}\ntiming: {{min_spacing_ms: 40, poll_interval_secs: 0.5, reply_timeout_ms: 300, failures_before_reconnect: 2}}\n\
-             serial: {{baud: 115200}}\nlimits: {{temp_min: -30, temp_max: 40}}\nmqtt: {{url: {}, username: {USER}, password: {PASS}{mqtt_extra}}}\n",
+            "name: julabo\nport: {}\ntiming: {{{timing}}}\n\
+             serial: {{{serial}}}\nlimits: {{temp_min: -30, temp_max: 40}}\nmqtt: {{url: {}, username: {USER}, password: {PASS}{mqtt_extra}}}\n",
             sim.url(),
             broker.url()
         ),
@@ -448,6 +466,145 @@ async fn mqtt_commands_end_to_end() {
         "{r}"
     );
     assert_eq!(st.sim.state()["active"], 2, "active set-point unchanged");
+}
+
+/// At the unit's real pacing (250 ms, the driver's shipped 260 ms at 4800 baud) and
+/// polled continuously: every command takes the next free slot of the line, not the
+/// end of a poll cycle, and a burst is carried out in order with one reply each.
+/// (Latency figures: `cargo bench --bench julabo`; the bound here only catches a
+/// command waiting for whole cycles.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_go_first_at_the_real_pacing() {
+    let st = stack_with(
+        Broker::start(BrokerKind::Dcs),
+        &[],
+        "poll_interval_secs: 0",
+        "baud: 4800",
+        "",
+    );
+    let mut obs = Observer::connect(st.broker.port, "op", &["julabo/#"]).await;
+    status_where(&mut obs, "OFF", state_is("OFF")).await;
+    for (verb, payload) in [
+        ("setWT", r#"{"setpoint": 1, "temp": 12.5}"#),
+        ("start", ""),
+        ("stop", ""),
+    ] {
+        let t0 = Instant::now();
+        let r = command(&mut obs, verb, payload).await;
+        assert_eq!(r["ok"], true, "{verb}: {r}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{verb} took {:?} while the unit was polled continuously",
+            t0.elapsed()
+        );
+    }
+    assert_eq!(st.sim.state()["setpoints"][0], 12.5);
+
+    // A burst of 20 in the middle of the poll, five kinds in turn so the order of the
+    // replies shows.
+    let burst: Vec<(String, String)> = (0..20)
+        .map(|i| match i % 5 {
+            0 => (
+                "setWT".to_string(),
+                format!(r#"{{"setpoint": {}, "temp": {}}}"#, i % 3 + 1, i),
+            ),
+            1 => ("setPress".into(), format!(r#"{{"press": {}}}"#, i % 4 + 1)),
+            2 => ("useExt".into(), String::new()),
+            3 => ("useInt".into(), String::new()),
+            _ => ("useSP".into(), format!(r#"{{"setpoint": {}}}"#, i % 3 + 1)),
+        })
+        .collect();
+    for (verb, payload) in &burst {
+        obs.publish(&format!("julabo/cmd/{verb}"), payload.clone())
+            .await;
+    }
+    let mut replies = Vec::new();
+    while replies.len() < burst.len() {
+        let g = obs
+            .next_on("julabo/reply", Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|| panic!("only {} replies to a burst of 20", replies.len()));
+        let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
+        replies.push(v);
+    }
+    for ((verb, payload), r) in burst.iter().zip(&replies) {
+        assert_eq!(
+            r["topic"],
+            format!("julabo/cmd/{verb}"),
+            "out of order: {replies:?}"
+        );
+        assert_eq!(r["ok"], true, "{verb} {payload}: {r}");
+    }
+    assert!(
+        obs.next_on("julabo/reply", Duration::from_millis(500))
+            .await
+            .is_none(),
+        "more than one reply to a command"
+    );
+    // The last of each kind is what the unit holds: setWT 15 went to set-point 1,
+    // setPress 16 is stage 1, useSP 19 is set-point 2.
+    let u = st.sim.state();
+    assert_eq!(
+        (&u["setpoints"][0], &u["pump"], &u["active"], &u["external"]),
+        (
+            &serde_json::json!(15.0),
+            &serde_json::json!(1),
+            &serde_json::json!(1),
+            &serde_json::json!(false)
+        ),
+        "{u}"
+    );
+}
+
+/// A unit without `IN_MODE_01` (lewis's emulator, some models): that field is null
+/// with the reason, every other one is there, and commands are carried out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_without_one_query_keeps_the_rest_and_takes_commands() {
+    let st = stack_with(
+        Broker::start(BrokerKind::Dcs),
+        &["--min-spacing-ms", "30", "--unsupported", "IN_MODE_01"],
+        "min_spacing_ms: 40, poll_interval_secs: 0.5, reply_timeout_ms: 300, failures_before_reconnect: 2",
+        "baud: 115200",
+        "",
+    );
+    let mut obs = Observer::connect(st.broker.port, "op", &["julabo/#"]).await;
+    let s = status_where(&mut obs, "OFF with its set-points", |v| {
+        v["fsm_state"] == "OFF" && v["setpoint_1"].is_number()
+    })
+    .await;
+    assert!(s["used_setpoint"].is_null(), "{s}");
+    for k in [
+        "internal_temp",
+        "external_temp",
+        "power",
+        "setpoint_2",
+        "setpoint_3",
+    ] {
+        assert!(s[k].is_number(), "{k}: {s}");
+    }
+    assert_eq!(s["ext_is_used"], false, "{s}");
+    assert!(s["error"].as_str().unwrap().contains("IN_MODE_01"), "{s}");
+    let r = command(&mut obs, "setWT", r#"{"setpoint": 1, "temp": 8}"#).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let r = command(&mut obs, "start", "").await;
+    assert_eq!((&r["ok"], &r["state"]), (&true.into(), &"ON".into()), "{r}");
+    let s = status_where(&mut obs, "running", |v| v["running"] == true).await;
+    assert_eq!(
+        (&s["fsm_state"], &s["setpoint_1"]),
+        (&"ON".into(), &8.0.into()),
+        "{s}"
+    );
+    let r = command(&mut obs, "stop", "").await;
+    assert_eq!(
+        (&r["ok"], &r["state"]),
+        (&true.into(), &"OFF".into()),
+        "{r}"
+    );
+    assert_eq!(st.sim.state()["running"], false);
+    // Polled all along without losing the line.
+    assert_eq!(st.sim.state()["setpoints"][0], 8.0);
+    let s = status_where(&mut obs, "a later cycle", |v| v["fsm_state"] == "OFF").await;
+    assert!(s["internal_temp"].is_number(), "{s}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

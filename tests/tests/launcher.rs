@@ -87,11 +87,14 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
         .replace("127.0.0.1:5050", &format!("127.0.0.1:{sim_port}"))
         .replace("127.0.0.1:5051", &format!("127.0.0.1:{ctl_port}"));
     std::fs::write(dir.path().join("julabo-sim.yaml"), sim_cfg).unwrap();
-    let drv_cfg = std::fs::read_to_string(deploy.join("julabo.yaml"))
-        .unwrap()
-        .replace("poll_interval_secs: 5", "poll_interval_secs: 1");
-    std::fs::write(dir.path().join("julabo.yaml"), drv_cfg).unwrap();
-    for f in ["telemetry.yaml", "interlock.yaml", "env-sim.yaml"] {
+    // The shipped driver config as is (5 s poll): the walk-through below must work
+    // with it.
+    for f in [
+        "julabo.yaml",
+        "telemetry.yaml",
+        "interlock.yaml",
+        "env-sim.yaml",
+    ] {
         std::fs::copy(deploy.join(f), dir.path().join(f)).unwrap();
     }
     let (ca_port, beacon_port) = (free_port(), free_port());
@@ -201,6 +204,36 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
     assert!(
         reply.payload.contains("\"ok\":false") && reply.payload.contains("not a permit"),
         "{}",
+        reply.payload
+    );
+    // The README walk-through at human speed: start the chiller, LV on a second later.
+    let mut h = Observer::connect_as(
+        p4,
+        "human",
+        "alice",
+        secret.trim(),
+        &["julabo/reply", "dcs/reply"],
+    )
+    .await;
+    h.publish("julabo/cmd/start", "").await;
+    let started = h
+        .next_on("julabo/reply", WAIT)
+        .await
+        .expect("a reply to start");
+    assert!(
+        started.payload.contains("\"ok\":true") && started.payload.contains("\"ON\""),
+        "{}",
+        started.payload
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    h.publish("dcs/cmd/switch/lv", "on").await;
+    let reply = h
+        .next_on("dcs/reply", WAIT)
+        .await
+        .expect("a reply to LV on");
+    assert!(
+        reply.payload.contains("\"ok\":true"),
+        "LV on one second after the chiller started: {}",
         reply.payload
     );
     // The launcher publishes as components start: wait for the one listing them all.
