@@ -151,6 +151,9 @@ pub async fn execute(
     let poll = Duration::from_millis(m.poll_ms);
     let outcome = loop {
         tokio::select! {
+            // A stop goes first: it takes the next free turn of the link, never waits
+            // for another poll (the same rule as the chiller's commands).
+            biased;
             _ = stop.cancelled() => break Outcome::stopped(),
             _ = tokio::time::sleep_until(deadline) => {
                 break Outcome::failed(format!("run exceeded the run timeout ({} s)", limits.run.as_secs()));
