@@ -345,9 +345,10 @@ impl Chiller {
     }
 
     /// Carries out a command; `Err` is the refusal sent back to the operator. A write
-    /// is confirmed by reading the value back. Start and stop read STATUS before the
-    /// reply (it carries the new state); other writes leave it owed to the next slot,
-    /// published from there (see [`Chiller::step`], [`Chiller::status_owed`]).
+    /// is confirmed by reading the value back; start and stop by STATUS, read before
+    /// the reply (which carries the new state). Other writes leave a STATUS owed to
+    /// the next slot, published from there (see [`Chiller::step`],
+    /// [`Chiller::status_owed`]).
     pub async fn execute(&mut self, cmd: &JulaboCommand) -> Result<(), String> {
         let result = self.carry_out(cmd).await;
         self.note_state();
@@ -400,6 +401,7 @@ impl Chiller {
         let result = link.write(write).await;
         let outcome = match result {
             Ok(v) => {
+                let confirmed_by_status = v.status.is_some();
                 // What confirmed the write is the unit's current value: keep it.
                 if let Some((q, reply)) = v.readback {
                     if let Ok(value) = parse_reply(q, &reply) {
@@ -410,6 +412,9 @@ impl Chiller {
                     self.readings.read(Query::Status, Value::Status(s), at);
                 }
                 if matches!(write, Write::Run(_)) {
+                    if confirmed_by_status {
+                        return Ok(());
+                    }
                     // Start and stop change the state: the reply carries it, read now.
                     let known = matches!(self.ask(Query::Status).await,
                         Ok(Value::Status(s)) if !s.is_command_error());
@@ -682,20 +687,14 @@ mod tests {
         let t0 = Instant::now();
         c.execute(&JulaboCommand::Start).await.unwrap();
         // The active set-point and its value read now (never from the poll: the front
-        // panel may have changed them), the write, its read-back, and the STATUS the
-        // reply carries.
+        // panel may have changed them), the write, and the STATUS that confirms it and
+        // that the reply carries.
         assert_eq!(
             u.lock().unwrap().got,
-            [
-                "IN_MODE_01",
-                "IN_SP_00",
-                "OUT_MODE_05 1",
-                "IN_MODE_05",
-                "STATUS"
-            ]
+            ["IN_MODE_01", "IN_SP_00", "OUT_MODE_05 1", "STATUS"]
         );
         assert!(
-            t0.elapsed() < Duration::from_millis(1300),
+            t0.elapsed() < Duration::from_millis(1100),
             "{:?}",
             t0.elapsed()
         );

@@ -278,10 +278,26 @@ impl Link {
     /// Writes and verifies. The unit answers nothing to a write, so the value is read
     /// back at once where the unit can (one slot, not two); STATUS is asked only to
     /// explain a read-back that differs (did the unit refuse it?) or, for a write
-    /// without read-back, to see that it was not refused.
+    /// without read-back, to see that it was not refused. A start or stop is confirmed
+    /// by STATUS itself (03 / 02).
     pub async fn write(&mut self, w: Write) -> Result<Verified, LinkError> {
         let text = w.text();
         self.send(&text).await?;
+        if let Write::Run(on) = w {
+            // STATUS shows a start or stop at once (03 / 02), and the state is what the
+            // caller needs next: one slot confirms both. An alarm or manual mode hides
+            // the run state: then IN_MODE_05 says.
+            let status = self.status().await?;
+            if status.is_command_error() {
+                return Err(LinkError::Refused(text, status));
+            }
+            if status.code == if on { 3 } else { 2 } {
+                return Ok(Verified {
+                    readback: None,
+                    status: Some(status),
+                });
+            }
+        }
         let Some(q) = w.readback() else {
             let status = self.status().await?;
             if status.is_command_error() {
