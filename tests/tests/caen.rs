@@ -229,9 +229,11 @@ async fn power_cycle_with_safety_rules() {
         .await
         .unwrap();
     assert!(reply.payload.contains("\"ok\":true"), "{}", reply.payload);
-    // Channel 0 is off, channel 1 still has HV: a mixed system.
-    wait_state(&mut r.obs, "HV_MIX").await;
+    // Channel 0 is off, channel 1 still has HV: a mixed system (SPEC 4.4: any LV_OFF
+    // with LV or HV on is LV_MIX).
+    wait_state(&mut r.obs, "LV_MIX").await;
     r.ok("dcs/cmd/switch/hv/1", "off").await;
+    wait_state(&mut r.obs, "HV_RAMP").await;
     wait_state(&mut r.obs, "LV_MIX").await;
     r.ok("dcs/cmd/switch/lv", "off").await;
     wait_state(&mut r.obs, "LV_OFF").await;
@@ -328,7 +330,16 @@ async fn a_hung_ioc_is_disconnected_and_recovers() {
             "{field} kept while disconnected: {channel}"
         );
     }
-    wait_state(&mut r.obs, "LV_OFF").await;
+    if r.obs
+        .wait_for("dcs/status", WAIT, |p| p.contains("\"LV_OFF\""))
+        .await
+        .is_none()
+    {
+        panic!(
+            "never LV_OFF again; caen-fsm said:\n{}",
+            r.fsm.stderr_text()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

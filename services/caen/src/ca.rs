@@ -202,6 +202,7 @@ async fn watch(
     let mut conn = ch.connection_events();
     while ch.wait_connected(Duration::from_secs(3600)).await.is_err() {}
     let mut labels = enum_labels(&ch).await;
+    let mut stale_labels = false;
     if events.send(CaEvent::Connected { slot }).is_err() {
         return;
     }
@@ -219,7 +220,12 @@ async fn watch(
             ev = conn.recv() => match ev {
                 Ok(ConnectionEvent::Connected) => {
                     // Reconnected, perhaps to another IOC: its enum strings may differ.
-                    labels = enum_labels(&ch).await;
+                    // A server that does not answer yet (a hung IOC coming back) keeps
+                    // the strings known; they are asked again with the next update.
+                    match enum_labels(&ch).await {
+                        Some(l) => labels = Some(l),
+                        None => stale_labels = true,
+                    }
                     events.send(CaEvent::Connected { slot })
                 }
                 Ok(ConnectionEvent::Disconnected) => events.send(CaEvent::Disconnected { slot }),
@@ -237,6 +243,12 @@ async fn watch(
             update = sub.recv() => match update {
                 Some(Ok(snap)) => match snap.value.to_f64() {
                     Some(value) => {
+                        if stale_labels || labels.is_none() && is_enum(&ch) {
+                            if let Some(l) = enum_labels(&ch).await {
+                                labels = Some(l);
+                                stale_labels = false;
+                            }
+                        }
                         let label = labels.as_ref().and_then(|l| l.get(value as usize).cloned());
                         events.send(CaEvent::Value { slot, value, label })
                     }
@@ -264,10 +276,15 @@ async fn watch(
     }
 }
 
-/// The enum strings of an enum PV (DBR_CTRL_ENUM); `None` for other types.
+fn is_enum(ch: &CaChannel) -> bool {
+    matches!(ch.native_field_type(), Ok(DbFieldType::Enum))
+}
+
+/// The enum strings of an enum PV (DBR_CTRL_ENUM); `None` for other types, and when
+/// the server does not give them.
 async fn enum_labels(ch: &CaChannel) -> Option<Vec<String>> {
     // One extra round trip per PV at every (re)connect: only enums need it.
-    if !matches!(ch.native_field_type(), Ok(DbFieldType::Enum)) {
+    if !is_enum(ch) {
         return None;
     }
     let snap = ch.get_with_metadata(DbrClass::Ctrl).await.ok()?;

@@ -9,10 +9,26 @@ pub enum ChannelState {
     Disconnected,
     Connected,
     LvOff,
+    LvRamp,
     LvOn,
     HvRamp,
     HvOn,
     Error,
+}
+
+impl ChannelState {
+    /// Every state, for exhaustive tests.
+    pub const ALL: [ChannelState; 9] = [
+        ChannelState::Init,
+        ChannelState::Disconnected,
+        ChannelState::Connected,
+        ChannelState::LvOff,
+        ChannelState::LvRamp,
+        ChannelState::LvOn,
+        ChannelState::HvRamp,
+        ChannelState::HvOn,
+        ChannelState::Error,
+    ];
 }
 
 /// State of the whole supply (its active channels).
@@ -23,6 +39,7 @@ pub enum SystemState {
     Disconnected,
     Connected,
     LvOff,
+    LvRamp,
     LvMix,
     LvOn,
     HvRamp,
@@ -39,6 +56,7 @@ impl ChannelState {
             ChannelState::Disconnected => "DISCONNECTED",
             ChannelState::Connected => "CONNECTED",
             ChannelState::LvOff => "LV_OFF",
+            ChannelState::LvRamp => "LV_RAMP",
             ChannelState::LvOn => "LV_ON",
             ChannelState::HvRamp => "HV_RAMP",
             ChannelState::HvOn => "HV_ON",
@@ -55,6 +73,7 @@ impl SystemState {
             SystemState::Disconnected => "DISCONNECTED",
             SystemState::Connected => "CONNECTED",
             SystemState::LvOff => "LV_OFF",
+            SystemState::LvRamp => "LV_RAMP",
             SystemState::LvMix => "LV_MIX",
             SystemState::LvOn => "LV_ON",
             SystemState::HvRamp => "HV_RAMP",
@@ -76,10 +95,45 @@ pub enum Link {
     Up,
 }
 
-/// SPEC 4.4: HV status > 5 or LV status > 1 is ERROR; LV on with HV status 3 or 5 is
-/// HV_RAMP, with HV 1 is HV_ON, otherwise LV_ON; LV off is LV_OFF. Before both status
-/// words are known the channel is CONNECTED.
-pub fn channel_state(link: Link, lv_status: Option<i64>, hv_status: Option<i64>) -> ChannelState {
+/// The meaning of a CAEN channel status word (SPEC 4.2), decoded in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusWord(pub i64);
+
+impl StatusWord {
+    /// Bit 0: the output is on.
+    pub fn on(self) -> bool {
+        self.0 & 1 != 0
+    }
+
+    /// Bit 1 (ramping up) or bit 2 (ramping down): not a fault.
+    pub fn ramping(self) -> bool {
+        self.0 & 0b110 != 0
+    }
+
+    /// Any bit from 3 up: over-current, over/under-voltage, trips, max V, disabled,
+    /// calibration error, unplugged, ... (a negative word counts as a fault too).
+    pub fn fault(self) -> bool {
+        self.0 < 0 || self.0 >> 3 != 0
+    }
+
+    /// On or still ramping: the output may carry voltage.
+    pub fn energised(self) -> bool {
+        self.on() || self.ramping()
+    }
+}
+
+/// SPEC 4.4, first matching rule: any fault bit on LV or HV -> ERROR; LV ramping ->
+/// LV_RAMP; LV on with HV ramping (up, or down after an off) -> HV_RAMP; LV on with HV
+/// on -> HV_ON; LV on -> LV_ON; LV off with HV on -> ERROR; LV off -> LV_OFF. Before
+/// both status words are known the channel is CONNECTED, and so is one that would be
+/// LV_OFF but has not had its settings confirmed (`ready`): it must not look ready to
+/// be switched on.
+pub fn channel_state(
+    link: Link,
+    ready: bool,
+    lv_status: Option<i64>,
+    hv_status: Option<i64>,
+) -> ChannelState {
     match link {
         Link::Init => return ChannelState::Init,
         Link::Down => return ChannelState::Disconnected,
@@ -88,22 +142,29 @@ pub fn channel_state(link: Link, lv_status: Option<i64>, hv_status: Option<i64>)
     let (Some(lv), Some(hv)) = (lv_status, hv_status) else {
         return ChannelState::Connected;
     };
-    if hv > 5 || lv > 1 {
-        return ChannelState::Error;
-    }
-    if lv & 1 == 0 {
-        return ChannelState::LvOff;
-    }
-    match hv {
-        3 | 5 => ChannelState::HvRamp,
-        1 => ChannelState::HvOn,
-        _ => ChannelState::LvOn,
+    let (lv, hv) = (StatusWord(lv), StatusWord(hv));
+    if lv.fault() || hv.fault() {
+        ChannelState::Error
+    } else if lv.ramping() {
+        ChannelState::LvRamp
+    } else if lv.on() && hv.ramping() {
+        ChannelState::HvRamp
+    } else if lv.on() && hv.on() {
+        ChannelState::HvOn
+    } else if lv.on() {
+        ChannelState::LvOn
+    } else if hv.on() {
+        ChannelState::Error
+    } else if !ready {
+        ChannelState::Connected
+    } else {
+        ChannelState::LvOff
     }
 }
 
 /// The system state and, when no rule of SPEC 4.4 matched, a description of the
-/// combination (a gap the Python code had too: the caller logs it loudly and the
-/// system reports ERROR, the safe reading).
+/// combination (the caller logs it loudly and the system reports ERROR, the safe
+/// reading). Rules in order, first match wins.
 pub fn system_state(channels: &[ChannelState]) -> (SystemState, Option<String>) {
     use ChannelState as C;
     let any = |s: C| channels.contains(&s);
@@ -113,28 +174,23 @@ pub fn system_state(channels: &[ChannelState]) -> (SystemState, Option<String>) 
     } else if any(C::Disconnected) {
         SystemState::Disconnected
     } else if any(C::Init) {
-        // Not in SPEC's list, which starts from connected channels; INIT is the
-        // system's own first state, kept until every channel has been heard from.
+        // INIT is the system's own first state, kept until every channel is heard from.
         SystemState::Init
-    } else if all(C::Connected) {
-        SystemState::Connected
-    } else if any(C::Connected) {
-        // Not in SPEC either: some channels are connected but their first status word
-        // is still on its way (a few ms at start and after an IOC restart). Without
-        // this the rules below fall through to ERROR at every start.
+    } else if all(C::Connected) || any(C::Connected) {
+        // Some channels connected but not yet read (or not yet set up).
         SystemState::Connected
     } else if all(C::LvOff) {
         SystemState::LvOff
-    } else if any(C::LvOff) && any(C::HvOn) {
-        SystemState::Error
-    } else if any(C::LvOff) && any(C::LvOn) {
+    } else if any(C::LvRamp) {
+        SystemState::LvRamp
+    } else if any(C::HvRamp) {
+        SystemState::HvRamp
+    } else if any(C::LvOff) && (any(C::LvOn) || any(C::HvOn)) {
         SystemState::LvMix
     } else if all(C::LvOn) {
         SystemState::LvOn
     } else if all(C::HvOn) {
         SystemState::HvOn
-    } else if any(C::HvRamp) {
-        SystemState::HvRamp
     } else if any(C::LvOn) && any(C::HvOn) {
         SystemState::HvMix
     } else {
@@ -143,7 +199,7 @@ pub fn system_state(channels: &[ChannelState]) -> (SystemState, Option<String>) 
         names.dedup();
         return (
             SystemState::Error,
-            Some(format!("no rule for channel states {}", names.join(", "))),
+            Some(format!("no rule for channel states [{}]", names.join(", "))),
         );
     };
     (state, None)
@@ -155,30 +211,80 @@ mod tests {
     use super::SystemState as S;
     use super::*;
 
+    const ON: i64 = 1;
+    const UP: i64 = 0b10;
+    const DOWN: i64 = 0b100;
+
     #[test]
     fn channel_rules_of_spec_4_4() {
-        let up = |lv, hv| channel_state(Link::Up, Some(lv), Some(hv));
-        assert_eq!(channel_state(Link::Init, None, None), C::Init);
-        assert_eq!(channel_state(Link::Down, Some(1), Some(1)), C::Disconnected);
-        assert_eq!(channel_state(Link::Up, Some(1), None), C::Connected);
+        let up = |lv, hv| channel_state(Link::Up, true, Some(lv), Some(hv));
+        assert_eq!(channel_state(Link::Init, true, None, None), C::Init);
+        assert_eq!(
+            channel_state(Link::Down, true, Some(1), Some(1)),
+            C::Disconnected
+        );
+        assert_eq!(channel_state(Link::Up, true, Some(1), None), C::Connected);
         assert_eq!(up(0, 0), C::LvOff);
-        assert_eq!(up(1, 0), C::LvOn);
-        assert_eq!(up(1, 3), C::HvRamp);
-        assert_eq!(up(1, 5), C::HvRamp);
-        assert_eq!(up(1, 1), C::HvOn);
-        assert_eq!(up(1, 4), C::LvOn, "HV ramping down after off");
-        assert_eq!(up(1, 1 << 9), C::Error, "HV internal trip");
-        assert_eq!(
-            up(3, 0),
-            C::Error,
-            "LV status > 1 is ERROR, as in the original"
-        );
-        assert_eq!(
-            up(0, 1),
-            C::LvOff,
-            "HV on with LV off: the system rule catches it"
-        );
+        assert_eq!(up(ON | UP, 0), C::LvRamp, "LV powering on is not an error");
+        assert_eq!(up(DOWN, 0), C::LvRamp, "LV ramping down after an off");
+        assert_eq!(up(ON, 0), C::LvOn);
+        assert_eq!(up(ON, ON | UP), C::HvRamp);
+        assert_eq!(up(ON, DOWN), C::HvRamp, "HV ramping down after an off");
+        assert_eq!(up(ON, ON), C::HvOn);
+        assert_eq!(up(ON, 1 << 9), C::Error, "HV internal trip");
         assert_eq!(up(1 << 11, 0), C::Error, "unplugged");
+        assert_eq!(up(0, ON), C::Error, "HV on with LV off");
+        // Not ready: never LV_OFF, but power is never hidden.
+        let unready = |lv, hv| channel_state(Link::Up, false, Some(lv), Some(hv));
+        assert_eq!(unready(0, 0), C::Connected);
+        assert_eq!(unready(ON, ON), C::HvOn);
+    }
+
+    /// The words tried: each combination of the on and ramp bits, each fault bit alone
+    /// and with the on bit, and a negative word.
+    fn words() -> Vec<i64> {
+        let mut w: Vec<i64> = (0..8).collect();
+        for bit in 3..16 {
+            w.push(1 << bit);
+            w.push(1 << bit | 1);
+        }
+        w.push(-1);
+        w
+    }
+
+    #[test]
+    fn every_status_word_pair_and_link_falls_on_a_rule() {
+        for link in [Link::Init, Link::Down, Link::Up] {
+            for ready in [false, true] {
+                for lv in words() {
+                    for hv in words() {
+                        let s = channel_state(link, ready, Some(lv), Some(hv));
+                        let (l, h) = (StatusWord(lv), StatusWord(hv));
+                        let expect = match link {
+                            Link::Init => C::Init,
+                            Link::Down => C::Disconnected,
+                            Link::Up if l.fault() || h.fault() => C::Error,
+                            Link::Up if l.ramping() => C::LvRamp,
+                            Link::Up if l.on() && h.ramping() => C::HvRamp,
+                            Link::Up if l.on() && h.on() => C::HvOn,
+                            Link::Up if l.on() => C::LvOn,
+                            Link::Up if h.on() => C::Error,
+                            Link::Up if !ready => C::Connected,
+                            Link::Up => C::LvOff,
+                        };
+                        assert_eq!(s, expect, "{link:?} ready {ready} lv {lv:#b} hv {hv:#b}");
+                        // Safety reading: a channel shown LV_OFF has nothing energised
+                        // but possibly HV ramping down, and never a fault.
+                        if s == C::LvOff {
+                            assert!(!l.energised() && !h.on() && !l.fault() && !h.fault());
+                        }
+                        if s == C::HvOn || s == C::LvOn {
+                            assert!(l.on() && !l.ramping());
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -188,9 +294,13 @@ mod tests {
         assert_eq!(s(&[C::LvOn, C::Disconnected]), S::Disconnected);
         assert_eq!(s(&[C::Init, C::LvOn]), S::Init);
         assert_eq!(s(&[C::Connected, C::Connected]), S::Connected);
+        assert_eq!(s(&[C::LvOn, C::Connected, C::LvOff]), S::Connected);
         assert_eq!(s(&[C::LvOff, C::LvOff]), S::LvOff);
-        assert_eq!(s(&[C::LvOff, C::HvOn]), S::Error);
-        assert_eq!(s(&[C::LvOff, C::LvOn, C::HvRamp]), S::LvMix);
+        assert_eq!(s(&[C::LvOff, C::LvRamp]), S::LvRamp);
+        assert_eq!(s(&[C::LvRamp, C::HvRamp]), S::LvRamp);
+        assert_eq!(s(&[C::LvOff, C::HvRamp]), S::HvRamp);
+        assert_eq!(s(&[C::LvOff, C::HvOn]), S::LvMix);
+        assert_eq!(s(&[C::LvOff, C::LvOn]), S::LvMix);
         assert_eq!(s(&[C::LvOn, C::LvOn]), S::LvOn);
         assert_eq!(s(&[C::HvOn, C::HvOn]), S::HvOn);
         assert_eq!(s(&[C::HvOn, C::HvRamp]), S::HvRamp);
@@ -198,23 +308,33 @@ mod tests {
     }
 
     #[test]
-    fn start_up_transients_are_not_errors() {
-        // Channels connected but not yet read: CONNECTED, not a rule gap.
-        assert_eq!(
-            system_state(&[C::LvOn, C::Connected, C::LvOff]),
-            (S::Connected, None)
-        );
-        // SPEC's own example of a gap, LV_OFF with HV_RAMP, is caught by "any HV_RAMP"
-        // when the rules are applied in order.
-        assert_eq!(system_state(&[C::LvOff, C::HvRamp]), (S::HvRamp, None));
-        // No combination of the remaining states falls through the rules.
-        let all = [C::LvOff, C::LvOn, C::HvRamp, C::HvOn];
-        for mask in 1u32..16 {
-            let set: Vec<C> = (0..4)
-                .filter(|i| mask >> i & 1 == 1)
-                .map(|i| all[i])
-                .collect();
-            assert_eq!(system_state(&set).1, None, "{set:?}");
+    fn every_combination_of_up_to_three_channels_falls_on_a_rule() {
+        let all = C::ALL;
+        let mut sets: Vec<Vec<C>> = all.iter().map(|a| vec![*a]).collect();
+        for a in all {
+            for b in all {
+                sets.push(vec![a, b]);
+                for c in all {
+                    sets.push(vec![a, b, c]);
+                }
+            }
+        }
+        for set in sets {
+            let (state, gap) = system_state(&set);
+            assert_eq!(gap, None, "{set:?}");
+            // The first rules decide, whatever else is there.
+            if set.contains(&C::Error) {
+                assert_eq!(state, S::Error, "{set:?}");
+            } else if set.contains(&C::Disconnected) {
+                assert_eq!(state, S::Disconnected, "{set:?}");
+            }
+            // ON states only when every channel is there.
+            if matches!(state, S::LvOn | S::HvOn | S::HvMix) {
+                assert!(
+                    set.iter().all(|c| matches!(c, C::LvOn | C::HvOn)),
+                    "{set:?} -> {state:?}"
+                );
+            }
         }
     }
 }

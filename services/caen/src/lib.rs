@@ -3,13 +3,15 @@
 //!
 //! Layers, from the wire up: [`pv`] (names and parameters), [`ca`] (Channel Access
 //! behind the [`ca::ChannelAccess`] trait), [`plant`] (readings and JSON, no I/O),
-//! [`fsm`] (the state rules, pure), [`commands`] (MQTT commands, parsed), [`permit`]
-//! (the interlock's say on LV on), and
-//! [`service`] (the task that ties them together with the safety rules).
+//! [`fsm`] (the state rules, pure), [`control`] (the safety rules, pure: commands and
+//! plant in, writes or refusals out), [`commands`] (MQTT commands, parsed), [`permit`]
+//! (the interlock's say on LV on), and [`service`] (the I/O loop that carries the
+//! writes out and feeds the results back).
 
 pub mod ca;
 pub mod commands;
 pub mod config;
+pub mod control;
 pub mod fsm;
 pub mod permit;
 pub mod plant;

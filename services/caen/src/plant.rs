@@ -75,6 +75,9 @@ pub struct Channel {
     pub ever_up: bool,
     /// Set-points given over MQTT since load; they win over the config on reconnect.
     pub set_v_override: [Option<f64>; 2],
+    /// Every configured setting has been read back equal to its configured value
+    /// since the last (re)connect or load: only then may the channel be switched on.
+    pub ready: bool,
     dirty: bool,
 }
 
@@ -195,6 +198,7 @@ impl Plant {
                     state: ChannelState::Init,
                     ever_up: false,
                     set_v_override: [None, None],
+                    ready: false,
                     dirty: true,
                 }
             })
@@ -246,6 +250,8 @@ impl Plant {
                 supply.connected[pi] = false;
                 // Stale values must not decide a state after the IOC comes back.
                 supply.values[pi] = None;
+                // An IOC restarted without autosave has forgotten the settings.
+                ch.ready = false;
             }
             CaEvent::Value { value, label, .. } => {
                 let new = Some(Reading {
@@ -283,7 +289,16 @@ impl Plant {
         for i in 0..self.channels.len() {
             let link = self.link(&self.channels[i], now);
             let ch = &mut self.channels[i];
-            let s = fsm::channel_state(link, ch.status(Side::Lv), ch.status(Side::Hv));
+            if !ch.ready
+                && ch.connected()
+                && (!ch.cfg.active() || crate::control::pending_settings(ch, i).is_empty())
+            {
+                ch.ready = true;
+                if ch.cfg.active() {
+                    tracing::info!(channel = %ch.cfg.id, "settings confirmed: ready");
+                }
+            }
+            let s = fsm::channel_state(link, ch.ready, ch.status(Side::Lv), ch.status(Side::Hv));
             if s != ch.state {
                 ch.state = s;
                 ch.dirty = true;

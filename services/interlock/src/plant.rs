@@ -95,7 +95,9 @@ impl Plant {
                 self.channels.remove(id);
                 return true;
             };
-            let on = |k: &str| doc.get(k).and_then(Json::as_i64).map(|s| s & 1 == 1);
+            // On, or still ramping (up, or down after an off): the output may carry
+            // voltage, so an off is not confirmed yet (SPEC 4.2 bits 0-2).
+            let on = |k: &str| doc.get(k).and_then(Json::as_i64).map(|s| s & 0b111 != 0);
             let active = doc
                 .get("module")
                 .and_then(Json::as_str)
@@ -231,6 +233,14 @@ mod tests {
         );
         assert_eq!(p.any_lv_on(t0), Known::No);
         assert_eq!(p.any_lv_on(t0 + Duration::from_secs(31)), Known::Unknown);
+        // Ramping down after an off (bit 2): still energised, the off not confirmed.
+        p.ingest(
+            "dcs/channels/0",
+            br#"{"module":"m0","lv_status":4,"hv_status":4}"#,
+            t0,
+        );
+        assert_eq!(p.any_lv_on(t0), Known::Yes);
+        assert_eq!(p.any_hv_on(t0), Known::Yes);
         p.ingest(
             "dcs/channels/0",
             br#"{"module":"m0","lv_status":null,"hv_status":0}"#,
