@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use dcs_integration_tests::caen::{config, start_fsm_with, Ca, CaPorts, CaenSim, TestChannel};
+use dcs_integration_tests::caen::{
+    config, start_fsm, start_fsm_with, Ca, CaPorts, CaenSim, TestChannel,
+};
 use dcs_integration_tests::{Broker, BrokerKind, Observer, Proc};
 use serde_json::Value;
 
@@ -416,4 +418,81 @@ async fn reload_applies_a_changed_config_and_keeps_the_old_one_if_broken() {
     );
     r.ok("dcs/cmd/switch/lv/2", "on").await;
     poll_pv(&r.ca, "test:00:002:Pw", |v| v == 1.0).await;
+}
+
+/// Settings before power: a switch-on sent the instant caen-fsm publishes its first
+/// status is refused until every configured setting has been written and read back;
+/// once it is accepted, the simulator's write log shows every setting of the channel
+/// before its `Pw On`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_switch_on_before_the_settings_are_read_back() {
+    let broker = Broker::start(BrokerKind::Dcs);
+    let dir = tempfile::tempdir().unwrap();
+    let ports = CaPorts::free();
+    let config_path = dir.path().join("caen.yaml");
+    std::fs::write(
+        &config_path,
+        config(
+            "dcs",
+            broker.port,
+            ports,
+            &dir.path().join("sim-state.json"),
+            CHANNELS,
+        ),
+    )
+    .unwrap();
+    let mut sim = CaenSim::start(&config_path, ports);
+    let mut obs = Observer::connect(broker.port, "test-obs", &["dcs/status", "dcs/reply"]).await;
+    let _fsm = start_fsm(&config_path, ports);
+    obs.next_on("dcs/status", WAIT)
+        .await
+        .expect("a first status");
+    let mut refusals = Vec::new();
+    loop {
+        obs.publish("dcs/cmd/switch/lv/0", "on").await;
+        let r = obs.next_on("dcs/reply", WAIT).await.expect("a reply");
+        let r: Value = serde_json::from_str(&r.payload).unwrap();
+        if r["ok"] == true {
+            break;
+        }
+        let e = r["error"].as_str().unwrap_or("").to_string();
+        assert!(
+            e.contains("settings not confirmed") || e.contains("not connected"),
+            "{e}"
+        );
+        refusals.push(e);
+        assert!(refusals.len() < 1000, "never accepted: {refusals:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        !refusals.is_empty(),
+        "LV on sent at the first status was accepted at once"
+    );
+    let log = sim.proc().unwrap().stderr_text();
+    let writes: Vec<&str> = log.lines().filter(|l| l.contains(" write")).collect();
+    let pw_on = writes
+        .iter()
+        .position(|l| l.contains("test:00:000:Pw") && l.contains("value=On"))
+        .unwrap_or_else(|| panic!("no Pw On in the simulator's log:\n{log}"));
+    for pv in [
+        "00:000:V0Set",
+        "00:000:I0Set",
+        "00:000:Trip",
+        "00:000:TripExt",
+        "00:000:RUpTime",
+        "00:000:RDwTime",
+        "12:000:V0Set",
+        "12:000:I0Set",
+        "12:000:RUp",
+        "12:000:RDWn",
+        "12:000:Trip",
+        "12:000:PDwn",
+        "12:000:ImRange",
+    ] {
+        let at = writes
+            .iter()
+            .position(|l| l.contains(&format!("test:{pv}\"")) || l.contains(&format!("test:{pv} ")))
+            .unwrap_or_else(|| panic!("{pv} never written:\n{log}"));
+        assert!(at < pw_on, "{pv} written after Pw On:\n{log}");
+    }
 }

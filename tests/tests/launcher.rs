@@ -212,7 +212,7 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
         "human",
         "alice",
         secret.trim(),
-        &["julabo/reply", "dcs/reply"],
+        &["julabo/reply", "dcs/reply", "dcs/status"],
     )
     .await;
     h.publish("julabo/cmd/start", "").await;
@@ -236,6 +236,27 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
         "LV on one second after the chiller started: {}",
         reply.payload
     );
+    // What a new user sees on dcs/status: ramps, never ERROR (SPEC 4.4).
+    async fn states_until(h: &mut Observer, end: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        while seen.last().map(String::as_str) != Some(end) {
+            let g = h
+                .next_on("dcs/status", WAIT)
+                .await
+                .unwrap_or_else(|| panic!("dcs/status never {end}: {seen:?}"));
+            let v: serde_json::Value = serde_json::from_str(&g.payload).unwrap();
+            seen.push(v["fsm_state"].as_str().unwrap_or("?").to_string());
+        }
+        assert!(!seen.iter().any(|s| s == "ERROR"), "{seen:?}");
+        seen
+    }
+    let seen = states_until(&mut h, "LV_ON").await;
+    assert!(seen.iter().any(|s| s == "LV_RAMP"), "LV on: {seen:?}");
+    h.publish("dcs/cmd/switch/hv", "on").await;
+    let seen = states_until(&mut h, "HV_ON").await;
+    assert!(seen.iter().any(|s| s == "HV_RAMP"), "HV on: {seen:?}");
+    h.publish("dcs/cmd/switch/hv", "off").await;
+    states_until(&mut h, "LV_ON").await;
     // The launcher publishes as components start: wait for the one listing them all.
     const ALL: [&str; 10] = [
         "broker",
