@@ -20,6 +20,7 @@ pub mod line_protocol;
 pub mod logging;
 pub mod mqtt;
 pub mod permit;
+pub mod program;
 pub mod shutdown;
 pub mod spool;
 pub mod time;

@@ -123,13 +123,12 @@ async fn subscriber(port: u16, filters: &[&str]) -> (rumqttc::AsyncClient, Arriv
     (client, rx)
 }
 
+/// A condition on a JSON payload.
+type Want<'a> = dyn Fn(&serde_json::Value) -> bool + 'a;
+
 /// Waits for each of `wants` (topic, predicate) and returns when each first held,
 /// counted from `t0`.
-async fn timings(
-    rx: &mut Arrivals,
-    t0: Instant,
-    wants: &[(&str, &dyn Fn(&serde_json::Value) -> bool)],
-) -> Vec<f64> {
+async fn timings(rx: &mut Arrivals, t0: Instant, wants: &[(&str, &Want<'_>)]) -> Vec<f64> {
     let mut got: Vec<Option<f64>> = vec![None; wants.len()];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while got.iter().any(Option::is_none) {

@@ -477,3 +477,96 @@ async fn children_die_with_a_killed_launcher() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// One entry point: `dcs run NAME` (what `dcs up` starts for each child) is the
+/// component's own code: the same `--check` line as its binary, and the same exit codes
+/// for a broken config (2) and for a failure at run time (1).
+#[test]
+fn dcs_run_is_each_components_own_entry_point() {
+    let deploy = repo_root().join("deploy");
+    let stack = deploy.join("dcs.yaml");
+    let tail = |out: &std::process::Output| {
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // `NAME: FILE OK (summary)`: the file is named differently (relative to the
+        // stack file or not); the rest must be the same.
+        let (name, rest) = text.split_once(": ").unwrap_or_default();
+        let rest = rest.split_once(" OK").map(|r| r.1.to_string());
+        (name.to_string(), rest)
+    };
+    for (name, file) in [
+        ("caen-fsm", "caen.yaml"),
+        ("julabo", "julabo.yaml"),
+        ("telemetry", "telemetry.yaml"),
+        ("interlock", "interlock.yaml"),
+        ("ph2acf-bridge", "ph2acf.yaml"),
+        ("caen-sim", "caen.yaml"),
+        ("julabo-sim", "julabo-sim.yaml"),
+        ("env-sim", "env-sim.yaml"),
+        ("ph2acf-sim", "ph2acf-sim.yaml"),
+    ] {
+        let own = Command::new(bin(name))
+            .arg("--config")
+            .arg(deploy.join(file))
+            .arg("--check")
+            .output()
+            .unwrap();
+        let via = Command::new(bin("dcs"))
+            .args(["run", name, "--check", "--config"])
+            .arg(&stack)
+            .output()
+            .unwrap();
+        assert!(
+            own.status.success() && via.status.success(),
+            "{name}: {}{}",
+            String::from_utf8_lossy(&own.stderr),
+            String::from_utf8_lossy(&via.stderr)
+        );
+        let (a, b) = (tail(&own), tail(&via));
+        assert_eq!(a.0, name);
+        assert!(a.1.is_some(), "{name}: {a:?}");
+        assert_eq!(a, b, "{name}: its binary and `dcs run` differ");
+    }
+
+    // Exit codes: a broken config is 2, a failure at run time 1, both ways.
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    std::fs::write(
+        dir.path().join("julabo.yaml"),
+        "name: julabo\nport: tcp://127.0.0.1:1\ntiming: {min_spacing_ms: 99999}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("julabo-sim.yaml"),
+        format!("tcp: 127.0.0.1:{port}\n"),
+    )
+    .unwrap();
+    let stack = write_stack(
+        dir.path(),
+        free_port(),
+        None,
+        None,
+        "services: {julabo: {config: julabo.yaml}}\nsimulators: {julabo-sim: {config: julabo-sim.yaml}}\n",
+    );
+    for (name, file, code, why) in [
+        ("julabo", "julabo.yaml", 2, "min_spacing_ms"),
+        ("julabo-sim", "julabo-sim.yaml", 1, "in use"),
+    ] {
+        let own = Command::new(bin(name))
+            .arg("--config")
+            .arg(dir.path().join(file))
+            .output()
+            .unwrap();
+        let via = Command::new(bin("dcs"))
+            .args(["run", name, "--config"])
+            .arg(&stack)
+            .output()
+            .unwrap();
+        for out in [&own, &via] {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(code), "{name}: {err}");
+            assert!(err.contains(why), "{name}: {err}");
+        }
+    }
+    drop(taken);
+}

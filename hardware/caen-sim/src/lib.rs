@@ -120,3 +120,30 @@ pub fn loopback_env_defaults() {
         }
     }
 }
+
+/// The `caen-sim` program (see [`dcs_shared::program`]).
+pub struct CaenSim;
+
+impl dcs_shared::program::Program for CaenSim {
+    const NAME: &'static str = "caen-sim";
+    const ABOUT: &'static str =
+        "Simulated CAEN SY4527 mainframe: an EPICS Channel Access server (SPEC 4).";
+    type Config = SimConfig;
+    // Do not wait for stray blocking tasks: the state file is already written.
+    const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::ZERO;
+
+    fn before_threads() {
+        loopback_env_defaults();
+    }
+    fn resolve_paths(cfg: &mut SimConfig, file: &std::path::Path) {
+        cfg.resolve_paths(file);
+    }
+    async fn run(
+        cfg: SimConfig,
+        _file: std::path::PathBuf,
+        _mqtt: dcs_shared::MqttSettings,
+        shutdown: dcs_shared::shutdown::CancellationToken,
+    ) -> anyhow::Result<()> {
+        run(cfg, shutdown).await
+    }
+}

@@ -245,6 +245,33 @@ pub async fn run(
     Ok(())
 }
 
+/// The `env-sim` program (see [`dcs_shared::program`]).
+pub struct EnvSim;
+
+impl dcs_shared::program::Program for EnvSim {
+    const NAME: &'static str = "env-sim";
+    const ABOUT: &'static str = "Simulated environmental sensor boards publishing on MQTT.";
+    type Config = EnvSimConfig;
+
+    fn mqtt(cfg: &mut EnvSimConfig) -> Option<&mut MqttSettings> {
+        Some(&mut cfg.mqtt)
+    }
+    fn client_id(cfg: &EnvSimConfig) -> Option<String> {
+        Some(cfg.name.clone())
+    }
+    fn summary(cfg: &EnvSimConfig) -> String {
+        format!("({} boards)", cfg.boards.len())
+    }
+    async fn run(
+        cfg: EnvSimConfig,
+        _file: std::path::PathBuf,
+        mqtt: MqttSettings,
+        shutdown: dcs_shared::shutdown::CancellationToken,
+    ) -> anyhow::Result<()> {
+        run(cfg, mqtt, shutdown).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use env_sim::EnvSimConfig;
+use dcs_shared::program;
+use env_sim::{EnvSim, EnvSimConfig};
 
 /// Simulated environmental sensor boards on MQTT.
 #[derive(Parser)]
@@ -20,20 +21,16 @@ struct Args {
     /// Publication period with --boards.
     #[arg(long, default_value_t = 1.0)]
     interval_secs: f64,
+    /// Check the config and exit.
+    #[arg(long)]
+    check: bool,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     dcs_shared::logging::init("info");
     let args = Args::parse();
     let cfg = match (&args.config, args.boards) {
-        (Some(path), _) => match dcs_shared::config::load::<EnvSimConfig>(path) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("env-sim: {e}");
-                return ExitCode::from(2);
-            }
-        },
+        (Some(path), _) => return program::check_or_run::<EnvSim>(path, args.check, |_| {}),
         (None, Some(n)) => {
             let yaml = format!(
                 "boards: [{}]\ninterval_secs: {}",
@@ -59,12 +56,5 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mqtt = cfg.mqtt.clone().with_env_overrides();
-    match env_sim::run(cfg, mqtt, dcs_shared::shutdown::on_signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("env-sim: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    program::finish::<EnvSim>(cfg, None, args.check)
 }

@@ -12,3 +12,26 @@ pub mod server;
 
 pub use device::{Device, DeviceConfig};
 pub use server::{run, SimConfig};
+
+/// The `julabo-sim` program (see [`dcs_shared::program`]).
+pub struct JulaboSim;
+
+impl dcs_shared::program::Program for JulaboSim {
+    const NAME: &'static str = "julabo-sim";
+    const ABOUT: &'static str = "Simulated Julabo circulator (SPEC 5).";
+    type Config = SimConfig;
+
+    fn resolve_paths(cfg: &mut SimConfig, file: &std::path::Path) {
+        for p in [&mut cfg.pty, &mut cfg.serial].into_iter().flatten() {
+            *p = dcs_shared::config::relative_to(file, p);
+        }
+    }
+    async fn run(
+        cfg: SimConfig,
+        _file: std::path::PathBuf,
+        _mqtt: dcs_shared::MqttSettings,
+        shutdown: dcs_shared::shutdown::CancellationToken,
+    ) -> anyhow::Result<()> {
+        run(cfg, shutdown).await
+    }
+}

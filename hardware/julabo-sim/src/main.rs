@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use julabo_sim::SimConfig;
+use dcs_shared::program;
+use julabo_sim::{JulaboSim, SimConfig};
 
 /// Simulated Julabo circulator (SPEC 5).
 #[derive(Parser)]
@@ -35,43 +36,35 @@ struct Args {
     /// A command this model does not have (repeatable): no reply, -08 on the next STATUS.
     #[arg(long, value_name = "COMMAND")]
     unsupported: Vec<String>,
+    /// Check the config and exit.
+    #[arg(long)]
+    check: bool,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     dcs_shared::logging::init("info");
     let args = Args::parse();
-    let mut cfg = match &args.config {
-        Some(p) => match dcs_shared::config::load::<SimConfig>(p) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("julabo-sim: {e}");
-                return ExitCode::from(2);
-            }
-        },
-        None => SimConfig::default(),
+    let adjust = |cfg: &mut SimConfig| {
+        cfg.tcp = args.tcp.or(cfg.tcp);
+        cfg.pty = args.pty.clone().or(cfg.pty.take());
+        cfg.serial = args.serial.clone().or(cfg.serial.take());
+        cfg.control = args.control.or(cfg.control);
+        if let Some(ms) = args.min_spacing_ms {
+            cfg.device.min_spacing_ms = ms;
+        }
+        if args.manual {
+            cfg.device.remote = false;
+        }
+        cfg.device
+            .unsupported
+            .extend(args.unsupported.iter().cloned());
     };
-    cfg.tcp = args.tcp.or(cfg.tcp);
-    cfg.pty = args.pty.or(cfg.pty);
-    cfg.serial = args.serial.or(cfg.serial);
-    cfg.control = args.control.or(cfg.control);
-    if let Some(ms) = args.min_spacing_ms {
-        cfg.device.min_spacing_ms = ms;
-    }
-    if args.manual {
-        cfg.device.remote = false;
-    }
-    cfg.device.unsupported.extend(args.unsupported);
-    if let Err((k, m)) = dcs_shared::Validate::validate(&cfg) {
-        eprintln!("julabo-sim: `{k}`: {m}");
-        return ExitCode::from(2);
-    }
-    let shutdown = dcs_shared::shutdown::on_signal();
-    match julabo_sim::run(cfg, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("julabo-sim: {e:#}");
-            ExitCode::FAILURE
+    match &args.config {
+        Some(p) => program::check_or_run::<JulaboSim>(p, args.check, adjust),
+        None => {
+            let mut cfg = SimConfig::default();
+            adjust(&mut cfg);
+            program::finish::<JulaboSim>(cfg, None, args.check)
         }
     }
 }

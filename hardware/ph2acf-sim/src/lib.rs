@@ -18,3 +18,24 @@ pub mod server;
 
 pub use config::SimConfig;
 pub use server::run;
+
+/// The `ph2acf-sim` program in middleware mode (see [`dcs_shared::program`]).
+pub struct Ph2acfSim;
+
+impl dcs_shared::program::Program for Ph2acfSim {
+    const NAME: &'static str = "ph2acf-sim";
+    const ABOUT: &'static str = "Simulated Ph2_ACF: MiddlewareController, or runCalibration (cli).";
+    type Config = SimConfig;
+
+    fn resolve_paths(cfg: &mut SimConfig, file: &std::path::Path) {
+        cfg.base_dir = dcs_shared::config::relative_to(file, &cfg.base_dir);
+    }
+    async fn run(
+        cfg: SimConfig,
+        _file: std::path::PathBuf,
+        _mqtt: dcs_shared::MqttSettings,
+        shutdown: dcs_shared::shutdown::CancellationToken,
+    ) -> anyhow::Result<()> {
+        run(cfg, shutdown).await
+    }
+}

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ph2acf_sim::SimConfig;
+use dcs_shared::program;
+use ph2acf_sim::{Ph2acfSim, SimConfig};
 
 /// Simulated Ph2_ACF.
 #[derive(Parser)]
@@ -14,6 +15,9 @@ struct Args {
     /// YAML config (defaults apply without one).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Check the config and exit.
+    #[arg(long)]
+    check: bool,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -36,7 +40,7 @@ enum Mode {
 
 fn load(path: Option<&Path>) -> Result<SimConfig, String> {
     match path {
-        Some(p) => SimConfig::load(p).map_err(|e| e.to_string()),
+        Some(p) => program::load::<Ph2acfSim>(p).map_err(|e| e.to_string()),
         None => {
             dcs_shared::config::from_str("{}", Path::new("(defaults)")).map_err(|e| e.to_string())
         }
@@ -58,22 +62,7 @@ fn main() -> ExitCode {
         }) => ExitCode::from(ph2acf_sim::cli::run(&cfg, &file, &calibration)),
         None => {
             dcs_shared::logging::init("info");
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("ph2acf-sim: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt
-                .block_on(async { ph2acf_sim::run(cfg, dcs_shared::shutdown::on_signal()).await })
-            {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("ph2acf-sim: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            program::finish::<Ph2acfSim>(cfg, args.config.as_deref(), args.check)
         }
     }
 }

@@ -35,3 +35,37 @@ pub async fn run(
     let ca = std::sync::Arc::new(ca::EpicsCa::new(addresses).await?);
     service::run(cfg, config_path, mqtt, ca, shutdown).await
 }
+
+/// The `caen-fsm` program (see [`dcs_shared::program`]).
+pub struct CaenFsm;
+
+impl dcs_shared::program::Program for CaenFsm {
+    const NAME: &'static str = "caen-fsm";
+    const ABOUT: &'static str = "CAEN power-supply state machine over EPICS Channel Access.";
+    type Config = CaenConfig;
+    // The CA client keeps background tasks: do not wait for them on the way out.
+    const SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
+    fn resolve_paths(cfg: &mut CaenConfig, file: &std::path::Path) {
+        if let Some(k) = cfg.safety.permit_key_file.take() {
+            cfg.safety.permit_key_file = Some(dcs_shared::config::relative_to(file, &k));
+        }
+    }
+    fn mqtt(cfg: &mut CaenConfig) -> Option<&mut dcs_shared::MqttSettings> {
+        Some(&mut cfg.mqtt)
+    }
+    fn client_id(cfg: &CaenConfig) -> Option<String> {
+        Some(cfg.name.clone())
+    }
+    fn summary(cfg: &CaenConfig) -> String {
+        format!("({} channels)", cfg.channels.len())
+    }
+    async fn run(
+        cfg: CaenConfig,
+        file: std::path::PathBuf,
+        mqtt: dcs_shared::MqttSettings,
+        shutdown: dcs_shared::shutdown::CancellationToken,
+    ) -> anyhow::Result<()> {
+        run(cfg, Some(file), mqtt, shutdown).await
+    }
+}

@@ -292,7 +292,7 @@ impl<C: ChannelAccess> Service<C> {
         if self.control.in_sequence() {
             return Err("an LV switch-off is in progress: reload when it has been answered".into());
         }
-        let cfg = dcs_shared::config::load::<CaenConfig>(&path)
+        let cfg = dcs_shared::program::load::<crate::CaenFsm>(&path)
             .map_err(|e| format!("config not reloaded, the running one is kept: {e}"))?;
         if cfg.name != self.cfg.name {
             return Err(format!(

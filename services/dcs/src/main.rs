@@ -58,6 +58,9 @@ enum Cmd {
         /// Stack config.
         #[arg(long, short, default_value = "deploy/dcs.yaml")]
         config: PathBuf,
+        /// Check the component's config and exit, as its own binary's `--check`.
+        #[arg(long)]
+        check: bool,
     },
 }
 
@@ -79,10 +82,17 @@ enum Runs {
 fn main() -> ExitCode {
     dcs_shared::logging::init("info");
     let cli = Cli::parse();
-    if matches!(&cli.command, Cmd::Run { name: Some(name), .. } if name == "caen-sim") {
-        // Before any thread exists: the CA server reads its interfaces from the
-        // environment only.
-        caen_sim::loopback_env_defaults();
+    if let Cmd::Run {
+        name: Some(name),
+        config,
+        check,
+        runs: None,
+    } = &cli.command
+    {
+        // The component's own runtime and exit codes: nothing of the launcher's runs
+        // first (the component may have to set up its environment while the process
+        // is still single-threaded).
+        return run(name, config, *check);
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -103,11 +113,6 @@ fn main() -> ExitCode {
                 }),
             ..
         } => runtime.block_on(show_run(&config, &run_id, json)),
-        Cmd::Run {
-            name: Some(name),
-            config,
-            ..
-        } => runtime.block_on(run(&name, &config)),
         Cmd::Run { .. } => Err(anyhow::anyhow!(
             "give a component name (`dcs run NAME`) or `dcs run show RUN_ID`"
         )),
@@ -257,16 +262,25 @@ async fn wait_listening(addr: SocketAddr, within: Duration) {
     }
 }
 
-async fn run(name: &str, path: &Path) -> anyhow::Result<()> {
+/// `dcs run NAME`: the component's own entry point, with the stack's MQTT account.
+fn run(name: &str, path: &Path, check: bool) -> ExitCode {
     // `dcs up` sets PR_SET_PDEATHSIG before exec, so children die with the launcher.
-    let stack = StackConfig::load(path)?;
-    let (component, file) = stack
+    let stack = match StackConfig::load(path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("dcs: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some((component, file)) = stack
         .enabled(true)
         .into_iter()
         .find(|(c, _)| c.name == name)
-        .ok_or_else(|| anyhow::anyhow!("`{name}` is not enabled in {}", path.display()))?;
-    let shutdown = dcs_shared::shutdown::on_signal();
-    (component.run)(stack, file, shutdown).await
+    else {
+        eprintln!("dcs: `{name}` is not enabled in {}", path.display());
+        return ExitCode::from(2);
+    };
+    (component.run)(stack, file, check)
 }
 
 /// `dcs run show`: the run and its environment, as a table or JSON.

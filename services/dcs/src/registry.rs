@@ -2,14 +2,14 @@
 //!
 //! `dcs up` runs each enabled component as a child process of its own (`dcs run NAME`),
 //! so a crash in one never takes another down, and the launcher can restart it. A new
-//! service or simulator adds one [`Component`] to [`COMPONENTS`]; nothing else in the
-//! launcher changes.
+//! service or simulator implements [`Program`] once and adds one line to
+//! [`COMPONENTS`]; nothing else in the launcher changes.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
+use std::process::ExitCode;
 
-use dcs_shared::shutdown::CancellationToken;
+use anyhow::Context;
+use dcs_shared::program::{self, Program};
 
 use crate::stack::StackConfig;
 
@@ -35,9 +35,6 @@ impl Kind {
     }
 }
 
-/// A future returned by [`Component::run`].
-pub type RunFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
-
 /// Everything the launcher knows about one component.
 pub struct Component {
     /// Name in the stack config and on the command line.
@@ -48,22 +45,70 @@ pub struct Component {
     /// Returns the MQTT client id the component connects with (None: no MQTT), which
     /// `dcs up` makes an account of its own.
     pub check: fn(&StackConfig, Option<&Path>) -> anyhow::Result<Option<String>>,
-    /// Runs the component in this process until `shutdown` is cancelled.
-    pub run: fn(StackConfig, Option<PathBuf>, CancellationToken) -> RunFuture,
+    /// Runs the component in this process until SIGTERM (what `dcs up` starts for each
+    /// child), on a runtime of its own; with `true`, prints its `--check` line instead.
+    /// The exit code is the component's: 2 for a configuration error, 1 at run time.
+    pub run: fn(StackConfig, Option<PathBuf>, bool) -> ExitCode,
+}
+
+impl Component {
+    /// The component of a [`Program`]: the code its own binary runs, with the stack's
+    /// MQTT account for its client id.
+    pub const fn program<P: Program>(kind: Kind) -> Component {
+        Component {
+            name: P::NAME,
+            kind,
+            check: check_program::<P>,
+            run: run_program::<P>,
+        }
+    }
+}
+
+fn check_program<P: Program>(
+    _: &StackConfig,
+    file: Option<&Path>,
+) -> anyhow::Result<Option<String>> {
+    let file =
+        file.with_context(|| format!("`{}` needs `config: FILE` in the stack config", P::NAME))?;
+    let cfg = program::load::<P>(file)?;
+    Ok(P::client_id(&cfg))
+}
+
+fn run_program<P: Program>(stack: StackConfig, file: Option<PathBuf>, check: bool) -> ExitCode {
+    P::before_threads();
+    let Some(file) = file else {
+        eprintln!("{}: needs `config: FILE` in the stack config", P::NAME);
+        return ExitCode::from(2);
+    };
+    let cfg = match program::load::<P>(&file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", P::NAME);
+            return ExitCode::from(2);
+        }
+    };
+    if check {
+        println!("{}", program::check_line::<P>(&file, &cfg));
+        return ExitCode::SUCCESS;
+    }
+    let mqtt = P::client_id(&cfg)
+        .map(|id| stack.mqtt_for(&id))
+        .unwrap_or_default();
+    program::execute::<P>(cfg, file, mqtt)
 }
 
 /// Every component the launcher can run.
 pub static COMPONENTS: &[Component] = &[
     crate::components::BROKER,
-    crate::components::CAEN,
-    crate::components::JULABO,
-    crate::components::TELEMETRY,
-    crate::components::INTERLOCK,
-    crate::components::PH2ACF,
-    crate::components::CAEN_SIM,
-    crate::components::JULABO_SIM,
-    crate::components::ENV_SIM,
-    crate::components::PH2ACF_SIM,
+    Component::program::<caen::CaenFsm>(Kind::Service),
+    Component::program::<julabo::Julabo>(Kind::Service),
+    Component::program::<telemetry::Telemetry>(Kind::Service),
+    Component::program::<interlock::Interlock>(Kind::Service),
+    Component::program::<ph2acf::Bridge>(Kind::Service),
+    Component::program::<caen_sim::CaenSim>(Kind::Simulator),
+    Component::program::<julabo_sim::JulaboSim>(Kind::Simulator),
+    Component::program::<env_sim::EnvSim>(Kind::Simulator),
+    Component::program::<ph2acf_sim::Ph2acfSim>(Kind::Simulator),
 ];
 
 /// The registered component called `name`, if it is of `kind`.

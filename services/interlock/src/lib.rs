@@ -18,3 +18,34 @@ pub mod rules;
 pub mod service;
 
 pub use config::InterlockConfig;
+
+/// The `interlock` program (see [`dcs_shared::program`]).
+pub struct Interlock;
+
+impl dcs_shared::program::Program for Interlock {
+    const NAME: &'static str = "interlock";
+    const ABOUT: &'static str =
+        "Safety interlock: dew point, over-temperature, cooling, stale data.";
+    type Config = InterlockConfig;
+
+    fn resolve_paths(cfg: &mut InterlockConfig, file: &std::path::Path) {
+        cfg.resolve_paths(file);
+    }
+    fn mqtt(cfg: &mut InterlockConfig) -> Option<&mut dcs_shared::MqttSettings> {
+        Some(&mut cfg.mqtt)
+    }
+    fn client_id(cfg: &InterlockConfig) -> Option<String> {
+        Some(cfg.name.clone())
+    }
+    fn summary(cfg: &InterlockConfig) -> String {
+        format!("({} rules, {} inputs)", cfg.rules.len(), cfg.inputs.len())
+    }
+    async fn run(
+        cfg: InterlockConfig,
+        _file: std::path::PathBuf,
+        mqtt: dcs_shared::MqttSettings,
+        shutdown: dcs_shared::shutdown::CancellationToken,
+    ) -> anyhow::Result<()> {
+        service::run(cfg, mqtt, shutdown).await
+    }
+}

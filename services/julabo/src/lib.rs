@@ -18,3 +18,30 @@ pub mod service;
 pub mod transport;
 
 pub use config::JulaboConfig;
+
+/// The `julabo` service program (see [`dcs_shared::program`]).
+pub struct Julabo;
+
+impl dcs_shared::program::Program for Julabo {
+    const NAME: &'static str = "julabo";
+    const ABOUT: &'static str = "Julabo chiller driver.";
+    type Config = JulaboConfig;
+
+    fn mqtt(cfg: &mut JulaboConfig) -> Option<&mut dcs_shared::MqttSettings> {
+        Some(&mut cfg.mqtt)
+    }
+    fn client_id(cfg: &JulaboConfig) -> Option<String> {
+        Some(cfg.name.clone())
+    }
+    fn summary(cfg: &JulaboConfig) -> String {
+        format!("({})", cfg.port)
+    }
+    async fn run(
+        cfg: JulaboConfig,
+        _file: std::path::PathBuf,
+        mqtt: dcs_shared::MqttSettings,
+        shutdown: dcs_shared::shutdown::CancellationToken,
+    ) -> anyhow::Result<()> {
+        service::run(cfg, mqtt, shutdown).await
+    }
+}

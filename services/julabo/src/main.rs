@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgGroup, Parser};
-use julabo::config::{JulaboConfig, SerialSettings};
+use julabo::config::SerialSettings;
 use julabo::protocol::{Query, Write};
 use julabo::transport::{self, Endpoint, Link, LinkError};
 
@@ -19,6 +19,9 @@ struct Args {
     /// Service mode: YAML config.
     #[arg(long, short, conflicts_with = "port")]
     config: Option<PathBuf>,
+    /// Service mode: check the config and exit.
+    #[arg(long, requires = "config")]
+    check: bool,
     /// One-shot mode: `/dev/ttyUSB0` or `tcp://host:port`.
     #[arg(long, requires = "action")]
     port: Option<String>,
@@ -75,33 +78,31 @@ struct Args {
     temp_max: f64,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     dcs_shared::logging::init("info");
     let args = Args::parse();
     if let Some(path) = &args.config {
-        let cfg = match dcs_shared::config::load::<JulaboConfig>(path) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("julabo: {e}");
-                return ExitCode::from(2);
-            }
-        };
-        let mqtt = cfg.mqtt.clone().with_env_overrides();
-        let shutdown = dcs_shared::shutdown::on_signal();
-        return match julabo::service::run(cfg, mqtt, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("julabo: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+        return dcs_shared::program::check_or_run::<julabo::Julabo>(path, args.check, |_| {});
     }
     let Some(port) = args.port.clone() else {
         eprintln!("julabo: give --config FILE (service) or --port P with an action (see --help)");
         return ExitCode::from(2);
     };
-    match one_shot(&args, &port).await {
+    let Some(action) = Action::of(&args) else {
+        eprintln!("julabo: give one action with --port (see --help)");
+        return ExitCode::from(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("julabo: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(one_shot(&args, action, &port)) {
         Ok(out) => {
             println!("{out}");
             ExitCode::SUCCESS
@@ -113,8 +114,40 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn one_shot(a: &Args, port: &str) -> Result<String, String> {
-    if let Some(t) = a.set_wt {
+/// The one-shot action asked for (clap's `action` group allows at most one).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Action {
+    Status,
+    ReadInt,
+    ReadSp,
+    ReadPow,
+    ReadWt,
+    SetWt(f64),
+    UseSp,
+    Start,
+    Stop,
+}
+
+impl Action {
+    fn of(a: &Args) -> Option<Action> {
+        let flags = [
+            (a.status, Action::Status),
+            (a.read_int, Action::ReadInt),
+            (a.read_sp, Action::ReadSp),
+            (a.read_pow, Action::ReadPow),
+            (a.read_wt, Action::ReadWt),
+            (a.use_sp, Action::UseSp),
+            (a.start, Action::Start),
+            (a.stop, Action::Stop),
+        ];
+        a.set_wt
+            .map(Action::SetWt)
+            .or_else(|| flags.into_iter().find(|f| f.0).map(|f| f.1))
+    }
+}
+
+async fn one_shot(a: &Args, action: Action, port: &str) -> Result<String, String> {
+    if let Action::SetWt(t) = action {
         if !(a.temp_min..=a.temp_max).contains(&t) {
             return Err(format!(
                 "{} is outside the limits {} .. {} degC",
@@ -145,38 +178,42 @@ async fn one_shot(a: &Args, port: &str) -> Result<String, String> {
     }
     let sp = a.sp.unwrap_or(1) - 1;
     let e = |e: LinkError| e.to_string();
-    Ok(if a.status {
-        link.status().await.map_err(e)?.to_string()
-    } else if a.read_int {
-        format!("{:.2}", link.float(Query::BathTemp).await.map_err(e)?)
-    } else if a.read_pow {
-        let q = if a.power_pv == 2 {
-            Query::Pv2
-        } else {
-            Query::Pv1
-        };
-        format!("{:.1}", link.float(q).await.map_err(e)?)
-    } else if a.read_sp {
-        let n = link.int(Query::ActiveSetpoint).await.map_err(e)?;
-        let n = u8::try_from(n)
-            .ok()
-            .filter(|n| *n <= 2)
-            .ok_or(format!("the chiller reports active set-point {n}"))?;
-        let t = link.float(Query::Setpoint(n)).await.map_err(e)?;
-        format!("setpoint {}: {t:.2}", n + 1)
-    } else if a.read_wt {
-        format!("{:.2}", link.float(Query::Setpoint(sp)).await.map_err(e)?)
-    } else {
-        let w = if let Some(t) = a.set_wt {
-            Write::Setpoint(sp, t)
-        } else if a.use_sp {
-            Write::ActiveSetpoint(sp)
-        } else if a.start {
-            Write::Run(true)
-        } else {
-            Write::Run(false)
-        };
-        link.write(w).await.map_err(e)?;
-        format!("ok: {}", w.text())
-    })
+    let write = match action {
+        Action::Status => return Ok(link.status().await.map_err(e)?.to_string()),
+        Action::ReadInt => {
+            return Ok(format!(
+                "{:.2}",
+                link.float(Query::BathTemp).await.map_err(e)?
+            ))
+        }
+        Action::ReadPow => {
+            let q = if a.power_pv == 2 {
+                Query::Pv2
+            } else {
+                Query::Pv1
+            };
+            return Ok(format!("{:.1}", link.float(q).await.map_err(e)?));
+        }
+        Action::ReadSp => {
+            let n = link.int(Query::ActiveSetpoint).await.map_err(e)?;
+            let n = u8::try_from(n)
+                .ok()
+                .filter(|n| *n <= 2)
+                .ok_or(format!("the chiller reports active set-point {n}"))?;
+            let t = link.float(Query::Setpoint(n)).await.map_err(e)?;
+            return Ok(format!("setpoint {}: {t:.2}", n + 1));
+        }
+        Action::ReadWt => {
+            return Ok(format!(
+                "{:.2}",
+                link.float(Query::Setpoint(sp)).await.map_err(e)?
+            ))
+        }
+        Action::SetWt(t) => Write::Setpoint(sp, t),
+        Action::UseSp => Write::ActiveSetpoint(sp),
+        Action::Start => Write::Run(true),
+        Action::Stop => Write::Run(false),
+    };
+    link.write(write).await.map_err(e)?;
+    Ok(format!("ok: {}", write.text()))
 }

@@ -23,3 +23,38 @@ pub mod show;
 pub mod store;
 
 pub use config::BridgeConfig;
+
+/// The `ph2acf-bridge` program (see [`dcs_shared::program`]).
+pub struct Bridge;
+
+impl dcs_shared::program::Program for Bridge {
+    const NAME: &'static str = "ph2acf-bridge";
+    const ABOUT: &'static str = "Ph2_ACF calibrations over MQTT, recorded in MongoDB and InfluxDB.";
+    type Config = BridgeConfig;
+
+    fn resolve_paths(cfg: &mut BridgeConfig, file: &std::path::Path) {
+        cfg.resolve_paths(file);
+    }
+    fn mqtt(cfg: &mut BridgeConfig) -> Option<&mut dcs_shared::MqttSettings> {
+        Some(&mut cfg.mqtt)
+    }
+    fn client_id(cfg: &BridgeConfig) -> Option<String> {
+        Some(cfg.name.clone())
+    }
+    fn summary(cfg: &BridgeConfig) -> String {
+        format!(
+            "({} calibrations, {} configs, {} modules)",
+            cfg.calibrations.len(),
+            cfg.configs.len(),
+            cfg.modules.len()
+        )
+    }
+    async fn run(
+        cfg: BridgeConfig,
+        _file: std::path::PathBuf,
+        mqtt: dcs_shared::MqttSettings,
+        shutdown: dcs_shared::shutdown::CancellationToken,
+    ) -> anyhow::Result<()> {
+        service::run(cfg, mqtt, shutdown).await
+    }
+}

@@ -20,3 +20,31 @@ pub mod stats;
 pub use dcs_shared::topic;
 
 pub use config::TelemetryConfig;
+
+/// The `telemetry` program (see [`dcs_shared::program`]).
+pub struct Telemetry;
+
+impl dcs_shared::program::Program for Telemetry {
+    const NAME: &'static str = "telemetry";
+    const ABOUT: &'static str = "MQTT to InfluxDB forwarder through a durable spool.";
+    type Config = TelemetryConfig;
+    const SINGLE_THREAD: bool = true;
+
+    fn resolve_paths(cfg: &mut TelemetryConfig, file: &std::path::Path) {
+        cfg.resolve_paths(file);
+    }
+    fn mqtt(cfg: &mut TelemetryConfig) -> Option<&mut dcs_shared::MqttSettings> {
+        Some(&mut cfg.mqtt)
+    }
+    fn client_id(cfg: &TelemetryConfig) -> Option<String> {
+        Some(cfg.name.clone())
+    }
+    async fn run(
+        cfg: TelemetryConfig,
+        _file: std::path::PathBuf,
+        mqtt: dcs_shared::MqttSettings,
+        shutdown: dcs_shared::shutdown::CancellationToken,
+    ) -> anyhow::Result<()> {
+        service::run(cfg, mqtt, shutdown).await
+    }
+}
