@@ -241,6 +241,14 @@ pub fn expand_env(
     Ok(out)
 }
 
+/// The error of a [`Validate::validate`]: `key` is invalid, because `message`.
+pub fn invalid<T>(
+    key: impl Into<String>,
+    message: impl Into<String>,
+) -> Result<T, (String, String)> {
+    Err((key.into(), message.into()))
+}
+
 /// Resolves a path written in a config file relative to the directory of that file.
 pub fn relative_to(config_file: &Path, path: &Path) -> PathBuf {
     if path.is_absolute() {

@@ -5,6 +5,7 @@
 //! says whether retrying can help: timeouts, refused connections and 5xx can; a 4xx
 //! cannot (the server's message says what is wrong with the data).
 
+use crate::config::invalid;
 use std::time::Duration;
 
 use base64::Engine;
@@ -82,21 +83,20 @@ impl InfluxSettings {
 
     /// Checks the settings; errors are (key relative to this section, message).
     pub fn check(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
         if !self.url.starts_with("http://") {
-            return err(
+            return invalid(
                 "url",
                 "must start with http:// (no TLS support is built in)",
             );
         }
         match self.api {
             InfluxApi::V1 if self.database.as_deref().unwrap_or("").is_empty() => {
-                err("database", "the v1 API needs a database")
+                invalid("database", "the v1 API needs a database")
             }
             InfluxApi::V2 if self.org.is_none() || self.bucket.is_none() => {
-                err("bucket", "the v2 API needs org and bucket")
+                invalid("bucket", "the v2 API needs org and bucket")
             }
-            _ if self.timeout_secs == 0 => err("timeout_secs", "must be > 0"),
+            _ if self.timeout_secs == 0 => invalid("timeout_secs", "must be > 0"),
             _ => Ok(()),
         }
     }

@@ -613,6 +613,28 @@ impl Session {
         self.reply_as(&name, command, reply).await
     }
 
+    /// Answers a command with its outcome ([`Session::reply`] of
+    /// [`Reply::from_result`]); a reply that cannot be sent is logged, not returned: the
+    /// outcome is in the log either way and there is nobody else to tell.
+    pub async fn answer(&self, command: &Message, result: Result<(), String>, state: &str) {
+        let name = self.inner.name.clone();
+        self.answer_as(&name, command, result, state).await;
+    }
+
+    /// [`Session::answer`] under another prefix (see [`Session::reply_as`]).
+    pub async fn answer_as(
+        &self,
+        prefix: &str,
+        command: &Message,
+        result: Result<(), String>,
+        state: &str,
+    ) {
+        let reply = Reply::from_result(&command.topic, result, state);
+        if let Err(e) = self.reply_as(prefix, command, &reply).await {
+            tracing::warn!(topic = %command.topic, error = %e, "cannot send reply");
+        }
+    }
+
     /// [`Session::reply`] for commands taken under another prefix than the service
     /// name (the interlock takes `alarms/cmd/ack` and answers on `alarms/reply`).
     pub async fn reply_as(

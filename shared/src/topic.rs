@@ -6,6 +6,23 @@ pub fn is_command_topic(topic: &str) -> bool {
     topic.split('/').any(|l| l == "cmd")
 }
 
+/// Checks a name used as one MQTT topic level (a service, channel, board or rule
+/// name): not empty, no `/`, `+`, `#`, whitespace or control characters, and not
+/// starting with `$` (the broker's own topics). The one rule for every config.
+pub fn check_level(s: &str) -> Result<(), String> {
+    if s.is_empty()
+        || s.contains(['/', '+', '#'])
+        || s.contains(|c: char| c.is_whitespace() || c.is_control())
+        || s.starts_with('$')
+    {
+        return Err(format!(
+            "`{}` must be one MQTT topic level: not empty, no `/`, `+`, `#`, spaces or control characters, not starting with `$`",
+            s.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an MQTT topic filter: `+` and `#` only as whole levels, `#` only last.
 pub fn check_filter(filter: &str) -> Result<(), String> {
     if filter.is_empty() {
@@ -209,6 +226,25 @@ impl Template {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_levels() {
+        for ok in ["dcs", "julabo", "ESP01", "module_0", "0"] {
+            assert!(check_level(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a/b",
+            "+",
+            "a#",
+            "two words",
+            "tab\t",
+            "$SYS",
+            "nul\u{0}",
+        ] {
+            assert!(check_level(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn filters() {

@@ -3,6 +3,7 @@
 //! The file is shared with the `caen` service, whose keys are many: everything this
 //! crate does not know (`name`, `global`, `setV`, `module`, ...) is ignored.
 
+use dcs_shared::config::invalid;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -175,26 +176,25 @@ impl SimConfig {
 
 impl dcs_shared::Validate for SimConfig {
     fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
         if self.prefix.is_empty() || self.prefix.chars().any(char::is_whitespace) {
-            return err("prefix", "must be non-empty, without spaces");
+            return invalid("prefix", "must be non-empty, without spaces");
         }
         if self.channels.is_empty() {
-            return err("channels", "must list at least one channel");
+            return invalid("channels", "must list at least one channel");
         }
         let mut seen = HashSet::new();
         for (key, entry) in &self.channels {
             if entry.lv.is_none() && entry.hv.is_none() {
-                return err(&format!("channels.{key}"), "needs an `lv` or `hv` address");
+                return invalid(format!("channels.{key}"), "needs an `lv` or `hv` address");
             }
             for (side, addr) in [("lv", entry.lv), ("hv", entry.hv)] {
                 let Some(addr) = addr else { continue };
                 let k = format!("channels.{key}.{side}");
                 if addr.board > MAX_BOARD {
-                    return err(&format!("{k}.board"), "must be <= 99");
+                    return invalid(format!("{k}.board"), "must be <= 99");
                 }
                 if addr.chan > MAX_CHAN {
-                    return err(&format!("{k}.chan"), "must be <= 999");
+                    return invalid(format!("{k}.chan"), "must be <= 999");
                 }
                 if !seen.insert(addr) {
                     return Err((
@@ -209,16 +209,16 @@ impl dcs_shared::Validate for SimConfig {
         }
         let s = &self.sim;
         if s.tick_ms < 1 {
-            return err("sim.tick_ms", "must be >= 1");
+            return invalid("sim.tick_ms", "must be >= 1");
         }
         if !(s.noise.is_finite() && s.noise >= 0.0) {
-            return err("sim.noise", "must be a number >= 0");
+            return invalid("sim.noise", "must be a number >= 0");
         }
         if !(s.lv_load_ohms.is_finite() && s.lv_load_ohms > 0.0) {
-            return err("sim.lv_load_ohms", "must be a number > 0");
+            return invalid("sim.lv_load_ohms", "must be a number > 0");
         }
         if !(s.hv_load_mohms.is_finite() && s.hv_load_mohms > 0.0) {
-            return err("sim.hv_load_mohms", "must be a number > 0");
+            return invalid("sim.hv_load_mohms", "must be a number > 0");
         }
         Ok(())
     }

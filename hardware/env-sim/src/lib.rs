@@ -8,12 +8,13 @@
 //! air; `<name>/cmd/silence` `{"board": "ESP01"}` stops it publishing (a dead board);
 //! `<name>/cmd/resume` `{"board": "ESP01"}` starts it again.
 
+use dcs_shared::config::invalid;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use dcs_shared::command::{self, Command, CommandError};
 use dcs_shared::shutdown::CancellationToken;
-use dcs_shared::{MqttSettings, QoS, Reply, Session, SessionEvent, SessionOptions, Validate};
+use dcs_shared::{MqttSettings, QoS, Session, SessionEvent, SessionOptions, Validate};
 use rand::Rng;
 use serde::Deserialize;
 
@@ -61,25 +62,20 @@ fn default_noise() -> f64 {
 
 impl Validate for EnvSimConfig {
     fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
         if self.boards.is_empty() {
-            return err("boards", "at least one board");
+            return invalid("boards", "at least one board");
         }
-        if self
-            .boards
-            .iter()
-            .any(|b| b.is_empty() || b.contains(['/', '+', '#']))
-        {
-            return err("boards", "board names are MQTT topic levels (no / + #)");
+        for b in &self.boards {
+            dcs_shared::topic::check_level(b).map_err(|m| ("boards".to_string(), m))?;
         }
         if !(self.interval_secs.is_finite() && (0.001..=86400.0).contains(&self.interval_secs)) {
-            return err("interval_secs", "must be 0.001 .. 86400");
+            return invalid("interval_secs", "must be 0.001 .. 86400");
         }
         if !(0.0..=100.0).contains(&self.humi) {
-            return err("humi", "must be 0 .. 100 %");
+            return invalid("humi", "must be 0 .. 100 %");
         }
         if !(self.noise.is_finite() && self.noise >= 0.0) {
-            return err("noise", "must be >= 0");
+            return invalid("noise", "must be >= 0");
         }
         Ok(())
     }
@@ -232,10 +228,7 @@ pub async fn run(
                         }
                         Ok(())
                     });
-                    let reply = Reply::from_result(&msg.topic, result, "RUNNING");
-                    if let Err(e) = session.reply(&msg, &reply).await {
-                        tracing::warn!(error = %e, "cannot send reply");
-                    }
+                    session.answer(&msg, result, "RUNNING").await;
                 }
                 Some(_) => {}
             },

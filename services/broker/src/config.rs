@@ -1,6 +1,7 @@
 //! The broker's configuration (the `broker:` section of the stack config, or a file of
 //! its own for `dcs-broker --config`).
 
+use dcs_shared::config::invalid;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -173,10 +174,9 @@ impl Default for Limits {
 
 impl Validate for BrokerConfig {
     fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
         let listeners = self.listeners.all();
         if listeners.is_empty() {
-            return err("listeners", "no listener configured: give at least `mqtt`");
+            return invalid("listeners", "no listener configured: give at least `mqtt`");
         }
         for (i, (k, a)) in listeners.iter().enumerate() {
             if listeners[..i].iter().any(|(_, b)| b == a) {
@@ -187,27 +187,27 @@ impl Validate for BrokerConfig {
             }
         }
         if self.auth.password_file.is_some() && self.auth.password_env.is_some() {
-            return err(
+            return invalid(
                 "auth.password_env",
                 "give either password_file or password_env, not both",
             );
         }
         if self.auth.password_env.as_deref() == Some("") {
-            return err(
+            return invalid(
                 "auth.password_env",
                 "names an environment variable: not empty",
             );
         }
         let has_users = self.auth.password_file.is_some() || self.auth.password_env.is_some();
         if !self.auth.allow_anonymous && !has_users {
-            return err(
+            return invalid(
                 "auth",
                 "no password_file and allow_anonymous is false: nobody could connect \
                  (create users with `mosquitto_passwd -c FILE USER`)",
             );
         }
         if self.auth.allow_anonymous && has_users {
-            return err(
+            return invalid(
                 "auth.allow_anonymous",
                 "rumqttd cannot mix anonymous and password logins: with a password_file, \
                  clients without a username are refused; set allow_anonymous: false",
@@ -215,28 +215,28 @@ impl Validate for BrokerConfig {
         }
         let l = &self.limits;
         if l.max_connections == 0 {
-            return err("limits.max_connections", "must be > 0");
+            return invalid("limits.max_connections", "must be > 0");
         }
         if l.max_payload_size < 1024 {
-            return err("limits.max_payload_size", "must be at least 1024 bytes");
+            return invalid("limits.max_payload_size", "must be at least 1024 bytes");
         }
         if l.max_inflight_count == 0 || l.max_inflight_count > u16::MAX as usize {
-            return err("limits.max_inflight_count", "must be between 1 and 65535");
+            return invalid("limits.max_inflight_count", "must be between 1 and 65535");
         }
         if l.max_outgoing_packet_count == 0 {
-            return err("limits.max_outgoing_packet_count", "must be > 0");
+            return invalid("limits.max_outgoing_packet_count", "must be > 0");
         }
         if l.segment_size < l.max_payload_size {
-            return err(
+            return invalid(
                 "limits.segment_size",
                 "must be at least limits.max_payload_size (a segment holds whole messages)",
             );
         }
         if l.segment_count < 2 {
-            return err("limits.segment_count", "must be at least 2");
+            return invalid("limits.segment_count", "must be at least 2");
         }
         if l.connection_timeout_ms == 0 {
-            return err("limits.connection_timeout_ms", "must be > 0");
+            return invalid("limits.connection_timeout_ms", "must be > 0");
         }
         Ok(())
     }

@@ -578,13 +578,7 @@ impl Validate for CaenConfig {
 }
 
 fn check_topic_level(key: &str, s: &str) -> Result<(), (String, String)> {
-    if s.is_empty() || s.contains(['/', '+', '#']) || s.contains(char::is_whitespace) {
-        return Err((
-            key.into(),
-            format!("`{s}` must be one MQTT topic level: no `/`, `+`, `#` or spaces"),
-        ));
-    }
-    Ok(())
+    dcs_shared::topic::check_level(s).map_err(|m| (key.to_string(), m))
 }
 
 #[cfg(test)]

@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 
 use dcs_shared::command;
 use dcs_shared::shutdown::CancellationToken;
-use dcs_shared::{
-    Message, MqttSettings, QoS, Reply, Session, SessionEvent, SessionOptions, UtcNanos,
-};
+use dcs_shared::{Message, MqttSettings, QoS, Session, SessionEvent, SessionOptions, UtcNanos};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -408,13 +406,6 @@ fn timeout(secs: f64) -> Duration {
     Duration::try_from_secs_f64(secs).unwrap_or(Duration::from_secs(1))
 }
 
-async fn send_reply(session: &Session, msg: &Message, outcome: Outcome, state: &str) {
-    let reply = Reply::from_result(&msg.topic, outcome, state);
-    if let Err(e) = session.reply(msg, &reply).await {
-        tracing::warn!(error = %e, "cannot send reply");
-    }
-}
-
 /// Runs until `shutdown`.
 pub async fn run<C: ChannelAccess>(
     cfg: CaenConfig,
@@ -458,13 +449,13 @@ pub async fn run<C: ChannelAccess>(
                 fsm.publish(&session, false);
                 for (msg, outcome) in fsm.progress(Instant::now()).await {
                     fsm.publish(&session, false);
-                    send_reply(&session, &msg, outcome, fsm.state()).await;
+                    session.answer(&msg, outcome, fsm.state()).await;
                 }
             }
             _ = tick.tick() => {
                 fsm.publish(&session, false);
                 for (msg, outcome) in fsm.progress(Instant::now()).await {
-                    send_reply(&session, &msg, outcome, fsm.state()).await;
+                    session.answer(&msg, outcome, fsm.state()).await;
                 }
             }
             _ = sleep_until_opt(settle_at) => fsm.publish(&session, false),
@@ -490,7 +481,7 @@ pub async fn run<C: ChannelAccess>(
                         }
                     };
                     if let Some(outcome) = outcome {
-                        send_reply(&session, &msg, outcome, fsm.state()).await;
+                        session.answer(&msg, outcome, fsm.state()).await;
                     }
                 }
                 Some(_) => {}
@@ -501,13 +492,13 @@ pub async fn run<C: ChannelAccess>(
         let Some(msg) = fsm.pending.remove(&req) else {
             continue;
         };
-        send_reply(
-            &session,
-            &msg,
-            Err("the service stopped before HV had ramped down: LV left on".into()),
-            fsm.state(),
-        )
-        .await;
+        session
+            .answer(
+                &msg,
+                Err("the service stopped before HV had ramped down: LV left on".into()),
+                fsm.state(),
+            )
+            .await;
     }
     session.shutdown().await;
     Ok(())

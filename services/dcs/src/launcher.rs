@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use dcs_shared::command::{self, Command, CommandError};
 use dcs_shared::shutdown::CancellationToken;
-use dcs_shared::{MqttSettings, QoS, Reply, Session, SessionEvent, SessionOptions};
+use dcs_shared::{MqttSettings, QoS, Session, SessionEvent, SessionOptions};
 use tokio::sync::mpsc;
 
 use crate::supervisor::StatusBoard;
@@ -70,29 +70,27 @@ pub async fn run(
                 None => break,
                 Some(SessionEvent::Message(msg)) => {
                     let Some(parsed) = command::parse::<LauncherCommand>(NAME, &msg) else { continue };
-                    let reply = match parsed {
-                        Err(e) => Reply::err(&msg.topic, e, "running"),
+                    let result = match parsed {
+                        Err(e) => Err(e.to_string()),
                         Ok(LauncherCommand::Refresh) => {
                             publish(&session);
-                            Reply::ok(&msg.topic, "running")
+                            Ok(())
                         }
                         Ok(LauncherCommand::Restart(name)) => match restarts.get(&name) {
-                            Some(tx) if tx.try_send(()).is_ok() => Reply::ok(&msg.topic, "running"),
-                            Some(_) => Reply::err(&msg.topic, format!("a restart of `{name}` is already pending"), "running"),
+                            Some(tx) if tx.try_send(()).is_ok() => Ok(()),
+                            Some(_) => Err(format!("a restart of `{name}` is already pending")),
                             None => {
                                 let mut known: Vec<_> = restarts.keys().map(String::as_str).collect();
                                 known.sort();
-                                Reply::err(
-                                    &msg.topic,
-                                    format!("no component `{}` in this stack: running ones are {}", command::truncate(&name, 40), known.join(", ")),
-                                    "running",
-                                )
+                                Err(format!(
+                                    "no component `{}` in this stack: running ones are {}",
+                                    command::truncate(&name, 40),
+                                    known.join(", ")
+                                ))
                             }
                         },
                     };
-                    if let Err(e) = session.reply(&msg, &reply).await {
-                        tracing::warn!(error = %e, "cannot send reply");
-                    }
+                    session.answer(&msg, result, "running").await;
                 }
                 Some(_) => {}
             },

@@ -2,6 +2,7 @@
 //! the services it commands. Everything is checked at load; a rule that names an
 //! unknown input or lacks its threshold is refused with its key.
 
+use dcs_shared::config::invalid;
 use std::collections::BTreeMap;
 
 use dcs_shared::topic;
@@ -284,8 +285,49 @@ impl RuleConfig {
 /// Topic levels the interlock uses under the alarm prefix itself.
 const RESERVED_RULE_NAMES: &[&str] = &["summary", "reply", "cmd"];
 
+/// The keys of a rule that only some kinds take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RuleField {
+    Cold,
+    Dew,
+    Margin,
+    Inputs,
+    Limit,
+    Running,
+    Mode,
+    Hysteresis,
+}
+
+impl RuleField {
+    fn key(self) -> &'static str {
+        match self {
+            RuleField::Cold => "cold",
+            RuleField::Dew => "dew",
+            RuleField::Margin => "margin",
+            RuleField::Inputs => "inputs",
+            RuleField::Limit => "limit",
+            RuleField::Running => "running",
+            RuleField::Mode => "mode",
+            RuleField::Hysteresis => "hysteresis",
+        }
+    }
+
+    fn present(self, r: &RuleConfig) -> bool {
+        match self {
+            RuleField::Cold => !r.cold.is_empty(),
+            RuleField::Dew => !r.dew.is_empty(),
+            RuleField::Margin => r.margin.is_some(),
+            RuleField::Inputs => !r.inputs.is_empty(),
+            RuleField::Limit => r.limit.is_some(),
+            RuleField::Running => r.running.is_some(),
+            RuleField::Mode => r.mode.is_some(),
+            RuleField::Hysteresis => r.hysteresis != 0.0,
+        }
+    }
+}
+
 fn level_ok(s: &str) -> bool {
-    !s.is_empty() && !s.contains(['/', '+', '#'])
+    dcs_shared::topic::check_level(s).is_ok()
 }
 
 fn finite_nonneg(v: f64) -> bool {
@@ -312,13 +354,9 @@ impl InterlockConfig {
 
 impl Validate for InterlockConfig {
     fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: String, m: String| Err((k, m));
         for (key, v) in [("name", &self.name), ("alarm_prefix", &self.alarm_prefix)] {
             if !level_ok(v) {
-                return err(
-                    key.into(),
-                    "must be a non-empty MQTT topic level (no / + #)".into(),
-                );
+                return invalid(key, "must be a non-empty MQTT topic level (no / + #)");
             }
         }
         for (key, v) in [
@@ -326,61 +364,49 @@ impl Validate for InterlockConfig {
             ("targets.chiller", &self.targets.chiller),
         ] {
             if !level_ok(v) {
-                return err(
-                    key.into(),
-                    "must be a service name (an MQTT topic level)".into(),
-                );
+                return invalid(key, "must be a service name (an MQTT topic level)");
             }
         }
         if !secs_ok(self.targets.max_age_secs, false) {
-            return err(
-                "targets.max_age_secs".into(),
-                "must be > 0 and at most a year".into(),
-            );
+            return invalid("targets.max_age_secs", "must be > 0 and at most a year");
         }
         if self.timing.evaluate_ms == 0 || self.timing.evaluate_ms > 10_000 {
-            return err("timing.evaluate_ms".into(), "must be 1 .. 10000".into());
+            return invalid("timing.evaluate_ms", "must be 1 .. 10000");
         }
         if !(self.timing.permit_secs >= 1.0 && self.timing.permit_secs <= 60.0) {
-            return err(
-                "timing.permit_secs".into(),
-                "must be 1 .. 60 (a permit readers see as stale is a refusal)".into(),
+            return invalid(
+                "timing.permit_secs",
+                "must be 1 .. 60 (a permit readers see as stale is a refusal)",
             );
         }
         if !(secs_ok(self.timing.republish_secs, false) && self.timing.republish_secs >= 1.0) {
-            return err(
-                "timing.republish_secs".into(),
-                "must be >= 1 and at most a year".into(),
-            );
+            return invalid("timing.republish_secs", "must be >= 1 and at most a year");
         }
         for (name, input) in &self.inputs {
             let k = |f: &str| format!("inputs.{name}.{f}");
-            topic::check_filter(&input.topic).or_else(|m| err(k("topic"), m))?;
+            topic::check_filter(&input.topic).or_else(|m| invalid(k("topic"), m))?;
             if !secs_ok(input.max_age_secs, false) {
-                return err(
+                return invalid(
                     k("max_age_secs"),
-                    "must be > 0 and at most a year (stale data counts as unsafe)".into(),
+                    "must be > 0 and at most a year (stale data counts as unsafe)",
                 );
             }
             if input.field.as_deref() == Some("") {
-                return err(
+                return invalid(
                     k("field"),
-                    "must name a JSON key, or be left out for bare values".into(),
+                    "must name a JSON key, or be left out for bare values",
                 );
             }
             if let Some(s) = &input.source {
                 if !level_ok(s) {
-                    return err(
-                        k("source"),
-                        "must be a service name (an MQTT topic level)".into(),
-                    );
+                    return invalid(k("source"), "must be a service name (an MQTT topic level)");
                 }
             }
         }
         if self.rules.is_empty() {
-            return err(
-                "rules".into(),
-                "no rules: an interlock without rules protects nothing".into(),
+            return invalid(
+                "rules",
+                "no rules: an interlock without rules protects nothing",
             );
         }
         for (name, rule) in &self.rules {
@@ -392,7 +418,6 @@ impl Validate for InterlockConfig {
 
 fn check_rule(name: &str, r: &RuleConfig, cfg: &InterlockConfig) -> Result<(), (String, String)> {
     let k = |f: &str| format!("rules.{name}.{f}");
-    let err = |key: String, m: &str| Err((key, m.to_string()));
     if !level_ok(name) || RESERVED_RULE_NAMES.contains(&name) {
         return Err((
             format!("rules.{name}"),
@@ -404,40 +429,40 @@ fn check_rule(name: &str, r: &RuleConfig, cfg: &InterlockConfig) -> Result<(), (
     }
     // Keys that belong to other kinds are refused: a `limit` on a dew-point rule is a
     // mistake that would otherwise be silently ignored.
-    let (needs, forbids): (&[&str], &[&str]) = match r.kind {
+    use RuleField as F;
+    let (needs, forbids): (&[RuleField], &[RuleField]) = match r.kind {
         RuleKind::DewPoint => (
-            &["cold", "dew", "margin"],
-            &["inputs", "limit", "running", "mode"],
+            &[F::Cold, F::Dew, F::Margin],
+            &[F::Inputs, F::Limit, F::Running, F::Mode],
         ),
         RuleKind::OverTemperature => (
-            &["inputs", "limit"],
-            &["cold", "dew", "margin", "running", "mode"],
+            &[F::Inputs, F::Limit],
+            &[F::Cold, F::Dew, F::Margin, F::Running, F::Mode],
         ),
         RuleKind::CoolingRequired => (
-            &["running", "mode"],
-            &["cold", "dew", "margin", "inputs", "limit", "hysteresis"],
+            &[F::Running, F::Mode],
+            &[
+                F::Cold,
+                F::Dew,
+                F::Margin,
+                F::Inputs,
+                F::Limit,
+                F::Hysteresis,
+            ],
         ),
-    };
-    let present = |f: &str| match f {
-        "cold" => !r.cold.is_empty(),
-        "dew" => !r.dew.is_empty(),
-        "margin" => r.margin.is_some(),
-        "inputs" => !r.inputs.is_empty(),
-        "limit" => r.limit.is_some(),
-        "running" => r.running.is_some(),
-        "mode" => r.mode.is_some(),
-        "hysteresis" => r.hysteresis != 0.0,
-        _ => false,
     };
     let kind = format!("{:?}", r.kind);
     for f in needs {
-        if !present(f) {
-            return Err((k(f), format!("required for kind {}", snake(&kind))));
+        if !f.present(r) {
+            return Err((k(f.key()), format!("required for kind {}", snake(&kind))));
         }
     }
     for f in forbids {
-        if present(f) {
-            return Err((k(f), format!("does not apply to kind {}", snake(&kind))));
+        if f.present(r) {
+            return Err((
+                k(f.key()),
+                format!("does not apply to kind {}", snake(&kind)),
+            ));
         }
     }
     for (key, input) in r
@@ -460,20 +485,20 @@ fn check_rule(name: &str, r: &RuleConfig, cfg: &InterlockConfig) -> Result<(), (
     }
     for (key, v) in [("margin", r.margin), ("limit", r.limit)] {
         if v.is_some_and(|v| !v.is_finite()) {
-            return err(k(key), "must be a finite number");
+            return invalid(k(key), "must be a finite number");
         }
     }
     if !finite_nonneg(r.hysteresis) {
-        return err(k("hysteresis"), "must be >= 0");
+        return invalid(k("hysteresis"), "must be >= 0");
     }
     if !secs_ok(r.hold_secs, true) {
-        return err(k("hold_secs"), "must be 0 .. one year");
+        return invalid(k("hold_secs"), "must be 0 .. one year");
     }
     if !secs_ok(r.confirm_timeout_secs, false) {
-        return err(k("confirm_timeout_secs"), "must be > 0 and at most a year");
+        return invalid(k("confirm_timeout_secs"), "must be > 0 and at most a year");
     }
     if r.kind == RuleKind::CoolingRequired && !r.actions.is_empty() {
-        return err(
+        return invalid(
             k("actions"),
             "cooling_required takes `mode: refuse` or `mode: switch_off` (HV then LV off), not actions",
         );
@@ -482,10 +507,10 @@ fn check_rule(name: &str, r: &RuleConfig, cfg: &InterlockConfig) -> Result<(), (
     for (i, a) in r.actions.iter().enumerate() {
         let ka = |f: &str| format!("rules.{name}.actions[{i}].{f}");
         if !secs_ok(a.after_secs, true) {
-            return err(ka("after_secs"), "must be 0 .. one year");
+            return invalid(ka("after_secs"), "must be 0 .. one year");
         }
         if a.after_secs < last_after {
-            return err(
+            return invalid(
                 ka("after_secs"),
                 "actions are taken in order: after_secs must not decrease",
             );
@@ -493,13 +518,13 @@ fn check_rule(name: &str, r: &RuleConfig, cfg: &InterlockConfig) -> Result<(), (
         last_after = a.after_secs;
         match (a.action, a.temp) {
             (ActionKind::ChillerSetpoint, None) => {
-                return err(ka("temp"), "required for chiller_setpoint")
+                return invalid(ka("temp"), "required for chiller_setpoint")
             }
             (ActionKind::ChillerSetpoint, Some(t)) if !t.is_finite() => {
-                return err(ka("temp"), "must be a finite number")
+                return invalid(ka("temp"), "must be a finite number")
             }
             (ActionKind::HvOff | ActionKind::LvOff, Some(_)) => {
-                return err(ka("temp"), "only chiller_setpoint takes a temperature")
+                return invalid(ka("temp"), "only chiller_setpoint takes a temperature")
             }
             _ => {}
         }

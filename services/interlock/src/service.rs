@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use dcs_shared::command;
 use dcs_shared::permit::PermitKey;
 use dcs_shared::shutdown::CancellationToken;
-use dcs_shared::{MqttSettings, QoS, Reply, Session, SessionEvent, SessionOptions, UtcNanos};
+use dcs_shared::{MqttSettings, QoS, Session, SessionEvent, SessionOptions, UtcNanos};
 
 use crate::commands::{AlarmCommand, InterlockCommand};
 use crate::config::InterlockConfig;
@@ -106,8 +106,5 @@ async fn reply(
     result: Result<(), String>,
     state: &str,
 ) {
-    let reply = Reply::from_result(&msg.topic, result, state);
-    if let Err(e) = session.reply_as(prefix, msg, &reply).await {
-        tracing::warn!(error = %e, "cannot send reply");
-    }
+    session.answer_as(prefix, msg, result, state).await;
 }

@@ -1,5 +1,6 @@
 //! The driver's configuration (YAML).
 
+use dcs_shared::config::invalid;
 use dcs_shared::{MqttSettings, Validate};
 use serde::Deserialize;
 
@@ -114,26 +115,25 @@ impl Default for Limits {
 
 impl Validate for JulaboConfig {
     fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
-        if self.name.is_empty() || self.name.contains(['/', '+', '#']) {
-            return err("name", "must be a non-empty MQTT topic level (no / + #)");
+        if let Err(m) = dcs_shared::topic::check_level(&self.name) {
+            return invalid("name", m);
         }
         crate::transport::Endpoint::parse(&self.port).map_err(|m| ("port".to_string(), m))?;
         let s = &self.serial;
         if !matches!(s.data_bits, 7 | 8) {
-            return err("serial.data_bits", "must be 7 or 8");
+            return invalid("serial.data_bits", "must be 7 or 8");
         }
         if !matches!(s.parity.as_str(), "none" | "even" | "odd") {
-            return err("serial.parity", "must be none, even or odd");
+            return invalid("serial.parity", "must be none, even or odd");
         }
         if !matches!(s.stop_bits, 1 | 2) {
-            return err("serial.stop_bits", "must be 1 or 2");
+            return invalid("serial.stop_bits", "must be 1 or 2");
         }
         if !matches!(s.flow_control.as_str(), "rtscts" | "xonxoff" | "none") {
-            return err("serial.flow_control", "must be rtscts, xonxoff or none");
+            return invalid("serial.flow_control", "must be rtscts, xonxoff or none");
         }
         if s.baud == 0 {
-            return err("serial.baud", "must be > 0");
+            return invalid("serial.baud", "must be > 0");
         }
         let t = &self.timing;
         if t.min_spacing_ms < 250 {
@@ -143,27 +143,27 @@ impl Validate for JulaboConfig {
             );
         }
         if t.min_spacing_ms > 10_000 {
-            return err("timing.min_spacing_ms", "must be at most 10000");
+            return invalid("timing.min_spacing_ms", "must be at most 10000");
         }
         if t.reply_timeout_ms == 0 || t.reply_timeout_ms > 60_000 {
-            return err("timing.reply_timeout_ms", "must be between 1 and 60000");
+            return invalid("timing.reply_timeout_ms", "must be between 1 and 60000");
         }
         // Written so that NaN and infinity fail too.
         if !(t.poll_interval_secs.is_finite() && (0.0..=3600.0).contains(&t.poll_interval_secs)) {
-            return err(
+            return invalid(
                 "timing.poll_interval_secs",
                 "must be between 0 (poll continuously) and 3600",
             );
         }
         if t.failures_before_reconnect == 0 {
-            return err("timing.failures_before_reconnect", "must be > 0");
+            return invalid("timing.failures_before_reconnect", "must be > 0");
         }
         let (lo, hi) = (self.limits.temp_min, self.limits.temp_max);
         if !(lo.is_finite() && hi.is_finite()) || lo >= hi {
-            return err("limits.temp_max", "must be above limits.temp_min");
+            return invalid("limits.temp_max", "must be above limits.temp_min");
         }
         if !matches!(self.power_pv, 1 | 2) {
-            return err("power_pv", "must be 1 or 2");
+            return invalid("power_pv", "must be 1 or 2");
         }
         self.mqtt.check().map_err(|(k, m)| (format!("mqtt.{k}"), m))
     }

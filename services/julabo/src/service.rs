@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 
 use dcs_shared::command::{self, CommandError};
 use dcs_shared::shutdown::CancellationToken;
-use dcs_shared::{Message, MqttSettings, QoS, Reply, Session, SessionEvent, SessionOptions};
+use dcs_shared::{Message, MqttSettings, QoS, Session, SessionEvent, SessionOptions};
 use tokio::sync::mpsc::error::TryRecvError;
 
 use crate::chiller::Chiller;
@@ -58,26 +58,21 @@ pub async fn run(
                 let Some((msg, parsed)) = queue.pop_front() else {
                     continue;
                 };
-                let reply = match parsed {
-                    Err(e) => Reply::err(&msg.topic, e, chiller.state().as_str()),
+                let result = match parsed {
+                    Err(e) => Err(e.to_string()),
                     Ok(cmd) => {
                         let result = tokio::select! {
                             _ = shutdown.cancelled() => break 'run,
                             r = chiller.execute(&cmd) => r,
                         };
-                        if let Err(e) = &result {
-                            tracing::info!(topic = msg.topic, error = %e, "command refused");
-                        }
                         // Unless a STATUS still owed to this command will publish it.
                         if !chiller.status_owed() {
                             publish(&chiller);
                         }
-                        Reply::from_result(&msg.topic, result, chiller.state().as_str())
+                        result
                     }
                 };
-                if let Err(e) = session.reply(&msg, &reply).await {
-                    tracing::warn!(error = %e, "cannot send reply");
-                }
+                session.answer(&msg, result, chiller.state().as_str()).await;
             }
             Slot::Idle(until) => tokio::select! {
                 biased;

@@ -1,6 +1,7 @@
 //! The bridge's YAML config: what may run (allowlists), how Ph2_ACF is reached, and
 //! where records go. Nothing from an MQTT payload is used unless it is listed here.
 
+use dcs_shared::config::invalid;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -156,41 +157,40 @@ fn default_inline_max() -> u64 {
 
 impl dcs_shared::Validate for BridgeConfig {
     fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
-        if self.name.is_empty() || self.name.contains(['/', '+', '#']) {
-            return err("name", "must be a service name (an MQTT topic level)");
+        if let Err(m) = dcs_shared::topic::check_level(&self.name) {
+            return invalid("name", m);
         }
         match self.backend {
             BackendKind::Middleware if self.middleware.is_none() => {
-                return err(
+                return invalid(
                     "middleware",
                     "backend is middleware: give middleware.address",
                 )
             }
             BackendKind::Cli if self.cli.is_none() => {
-                return err("cli", "backend is cli: give cli.program")
+                return invalid("cli", "backend is cli: give cli.program")
             }
             _ => {}
         }
         if self.calibrations.is_empty() {
-            return err("calibrations", "list the calibrations operators may run");
+            return invalid("calibrations", "list the calibrations operators may run");
         }
         for c in &self.calibrations {
             if !is_identifier(c) {
-                return err("calibrations", &format!("`{c}` is not a calibration name"));
+                return invalid("calibrations", format!("`{c}` is not a calibration name"));
             }
         }
         if self.configs.is_empty() {
-            return err(
+            return invalid(
                 "configs",
                 "map at least one configuration name to its XML file",
             );
         }
         for (name, path) in &self.configs {
             if !is_identifier(name) {
-                return err(
+                return invalid(
                     "configs",
-                    &format!("`{name}`: names are letters, digits, `_`, `-`, `.`"),
+                    format!("`{name}`: names are letters, digits, `_`, `-`, `.`"),
                 );
             }
             // The middleware message is `Configure,Calibration:..,ConfigurationFile:<path>`.
@@ -198,17 +198,17 @@ impl dcs_shared::Validate for BridgeConfig {
                 .to_str()
                 .is_none_or(|p| p.is_empty() || p.contains([',', '{', '}', '\n']))
             {
-                return err(
-                    &format!("configs.{name}"),
+                return invalid(
+                    format!("configs.{name}"),
                     "the XML path must be UTF-8 without `,`, `{`, `}`",
                 );
             }
         }
         for m in &self.modules {
             if !is_identifier(m) {
-                return err(
+                return invalid(
                     "modules",
-                    &format!("`{m}`: names are letters, digits, `_`, `-`, `.`"),
+                    format!("`{m}`: names are letters, digits, `_`, `-`, `.`"),
                 );
             }
         }
@@ -228,18 +228,18 @@ impl dcs_shared::Validate for BridgeConfig {
         for (k, v) in secs {
             if let Some(v) = v {
                 if !(v.is_finite() && v > 0.0 && v <= 3.2e7) {
-                    return err(k, "must be a number of seconds > 0 and at most a year");
+                    return invalid(k, "must be a number of seconds > 0 and at most a year");
                 }
             }
         }
         if let Some(m) = &self.middleware {
             if m.poll_ms == 0 {
-                return err("middleware.poll_ms", "must be > 0");
+                return invalid("middleware.poll_ms", "must be > 0");
             }
         }
         if let Some(m) = &self.mongodb {
             if !(m.uri.is_empty() || m.uri.starts_with("mongodb://")) {
-                return err(
+                return invalid(
                     "mongodb.uri",
                     "must start with mongodb:// (or be empty: queue only)",
                 );

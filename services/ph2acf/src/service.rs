@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use dcs_shared::command;
 use dcs_shared::shutdown::CancellationToken;
-use dcs_shared::{MqttSettings, QoS, Reply, Session, SessionEvent, SessionOptions, UtcNanos};
+use dcs_shared::{MqttSettings, QoS, Session, SessionEvent, SessionOptions, UtcNanos};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -386,13 +386,7 @@ pub async fn run(
                 Some(SessionEvent::Message(msg)) => {
                     let Some(parsed) = command::parse::<BridgeCommand>(&b.cfg.name, &msg) else { continue };
                     let result = parsed.map_err(|e| e.0).and_then(|c| b.command(c));
-                    if let Err(e) = &result {
-                        tracing::warn!(topic = msg.topic, error = %e, "command refused");
-                    }
-                    let reply = Reply::from_result(&msg.topic, result, b.state());
-                    if let Err(e) = b.session.reply(&msg, &reply).await {
-                        tracing::warn!(error = %e, "cannot send reply");
-                    }
+                    b.session.answer(&msg, result, b.state()).await;
                 }
                 Some(SessionEvent::Connected) => {
                     tracing::info!("connected to the broker");
