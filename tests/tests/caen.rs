@@ -318,7 +318,20 @@ async fn a_hung_ioc_is_disconnected_and_recovers() {
             serde_json::from_str::<Value>(p).is_ok_and(|v| v["fsm_state"] == "DISCONNECTED")
         })
         .await;
+    // One object per channel for the loss: the dozens of PV disconnections that
+    // follow change nothing that is published.
+    let again = r
+        .obs
+        .wait_for("dcs/channels/0", Duration::from_millis(800), |p| {
+            p.contains("\"DISCONNECTED\"")
+        })
+        .await;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        again.is_none(),
+        "channel 0 published DISCONNECTED twice: {:?}",
+        again.map(|g| g.payload)
+    );
     assert!(
         seen.is_some(),
         "hung IOC not noticed; caen-fsm said:\n{}",
@@ -420,10 +433,10 @@ async fn reload_applies_a_changed_config_and_keeps_the_old_one_if_broken() {
     poll_pv(&r.ca, "test:00:002:Pw", |v| v == 1.0).await;
 }
 
-/// Settings before power: a switch-on sent the instant caen-fsm publishes its first
-/// status is refused until every configured setting has been written and read back;
-/// once it is accepted, the simulator's write log shows every setting of the channel
-/// before its `Pw On`.
+/// Settings before power: caen-fsm started before the IOC takes no switch-on until
+/// every configured setting has been written and read back; once one is accepted, the
+/// simulator's write log shows every setting of the channel before its `Pw On`. The
+/// same after a reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_switch_on_before_the_settings_are_read_back() {
     let broker = Broker::start(BrokerKind::Dcs);
@@ -441,58 +454,116 @@ async fn no_switch_on_before_the_settings_are_read_back() {
         ),
     )
     .unwrap();
-    let mut sim = CaenSim::start(&config_path, ports);
     let mut obs = Observer::connect(broker.port, "test-obs", &["dcs/status", "dcs/reply"]).await;
     let _fsm = start_fsm(&config_path, ports);
     obs.next_on("dcs/status", WAIT)
         .await
         .expect("a first status");
-    let mut refusals = Vec::new();
-    loop {
-        obs.publish("dcs/cmd/switch/lv/0", "on").await;
-        let r = obs.next_on("dcs/reply", WAIT).await.expect("a reply");
-        let r: Value = serde_json::from_str(&r.payload).unwrap();
-        if r["ok"] == true {
+
+    /// Sends `topic on` until it is accepted; returns the refusals.
+    async fn until_accepted(obs: &mut Observer, topic: &str, allowed: &[&str]) -> Vec<String> {
+        let mut refusals = Vec::new();
+        loop {
+            obs.publish(topic, "on").await;
+            let r = obs.next_on("dcs/reply", WAIT).await.expect("a reply");
+            let r: Value = serde_json::from_str(&r.payload).unwrap();
+            if r["topic"] != topic {
+                continue;
+            }
+            if r["ok"] == true {
+                return refusals;
+            }
+            let e = r["error"].as_str().unwrap_or("").to_string();
+            assert!(allowed.iter().any(|a| e.contains(a)), "{e}");
+            refusals.push(e);
+            assert!(refusals.len() < 2000, "never accepted: {refusals:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    // No IOC yet: refused; the IOC comes up with other settings (its defaults).
+    obs.publish("dcs/cmd/switch/lv/0", "on").await;
+    let r = obs.next_on("dcs/reply", WAIT).await.expect("a reply");
+    assert!(r.payload.contains("\"ok\":false"), "{}", r.payload);
+    let mut sim = CaenSim::start(&config_path, ports);
+    until_accepted(
+        &mut obs,
+        "dcs/cmd/switch/lv/0",
+        &["settings not confirmed", "not connected"],
+    )
+    .await;
+
+    // A reload while the IOC does not answer: refused until it is back and the new
+    // channels' settings are read back.
+    let pid = nix::unistd::Pid::from_raw(sim.proc().unwrap().child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    obs.publish("dcs/cmd/reload", "").await;
+    obs.publish("dcs/cmd/switch/hv/0", "on").await;
+    let mut refused = false;
+    while let Some(r) = obs.next_on("dcs/reply", WAIT).await {
+        if r.payload.contains("switch/hv/0") {
+            refused = r.payload.contains("\"ok\":false");
             break;
         }
-        let e = r["error"].as_str().unwrap_or("").to_string();
-        assert!(
-            e.contains("settings not confirmed") || e.contains("not connected"),
-            "{e}"
-        );
-        refusals.push(e);
-        assert!(refusals.len() < 1000, "never accepted: {refusals:?}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    assert!(
-        !refusals.is_empty(),
-        "LV on sent at the first status was accepted at once"
-    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(refused, "HV on accepted right after a reload");
+    until_accepted(
+        &mut obs,
+        "dcs/cmd/switch/hv/0",
+        &["settings not confirmed", "not connected", "LV is not on"],
+    )
+    .await;
+
     let log = sim.proc().unwrap().stderr_text();
     let writes: Vec<&str> = log.lines().filter(|l| l.contains(" write")).collect();
-    let pw_on = writes
-        .iter()
-        .position(|l| l.contains("test:00:000:Pw") && l.contains("value=On"))
-        .unwrap_or_else(|| panic!("no Pw On in the simulator's log:\n{log}"));
-    for pv in [
-        "00:000:V0Set",
-        "00:000:I0Set",
-        "00:000:Trip",
-        "00:000:TripExt",
-        "00:000:RUpTime",
-        "00:000:RDwTime",
-        "12:000:V0Set",
-        "12:000:I0Set",
-        "12:000:RUp",
-        "12:000:RDWn",
-        "12:000:Trip",
-        "12:000:PDwn",
-        "12:000:ImRange",
-    ] {
-        let at = writes
+    let first = |pv: &str| {
+        writes.iter().position(|l| {
+            (l.contains(&format!("test:{pv}\"")) || l.contains(&format!("test:{pv} ")))
+                && l.contains("value=On")
+        })
+    };
+    let written_before = |pv: &str, end: usize| {
+        writes[..end]
             .iter()
-            .position(|l| l.contains(&format!("test:{pv}\"")) || l.contains(&format!("test:{pv} ")))
-            .unwrap_or_else(|| panic!("{pv} never written:\n{log}"));
-        assert!(at < pw_on, "{pv} written after Pw On:\n{log}");
+            .filter(|l| l.contains(&format!("test:{pv}\"")) || l.contains(&format!("test:{pv} ")))
+            .count()
+    };
+    // LV: written once before LV on. HV: its On came after the reload, so every HV
+    // setting was written twice before it (first connect, and again after the reload).
+    for (pw, times, settings) in [
+        (
+            "00:000:Pw",
+            1,
+            &[
+                "00:000:V0Set",
+                "00:000:I0Set",
+                "00:000:Trip",
+                "00:000:TripExt",
+                "00:000:RUpTime",
+                "00:000:RDwTime",
+            ][..],
+        ),
+        (
+            "12:000:Pw",
+            2,
+            &[
+                "12:000:V0Set",
+                "12:000:I0Set",
+                "12:000:RUp",
+                "12:000:RDWn",
+                "12:000:Trip",
+                "12:000:PDwn",
+                "12:000:ImRange",
+            ][..],
+        ),
+    ] {
+        let on = first(pw).unwrap_or_else(|| panic!("no {pw} On in the log:\n{log}"));
+        for pv in settings {
+            assert!(
+                written_before(pv, on) >= times,
+                "{pv} not written {times} time(s) before {pw} On:\n{log}"
+            );
+        }
     }
 }

@@ -76,6 +76,13 @@ pub enum PutError {
 /// Stops a watch when dropped.
 pub struct Watch(JoinHandle<()>);
 
+impl Watch {
+    /// A watch run by `task` (for other implementations of [`ChannelAccess`]).
+    pub fn new(task: JoinHandle<()>) -> Watch {
+        Watch(task)
+    }
+}
+
 impl Drop for Watch {
     fn drop(&mut self) {
         self.0.abort();
@@ -184,10 +191,22 @@ impl ChannelAccess for EpicsCa {
                 Err(_) => Err(epics_base_rs::error::CaError::Timeout),
             },
         };
-        result.map_err(|e| match e {
-            epics_base_rs::error::CaError::Timeout => PutError::Timeout(pv.to_string(), timeout),
-            epics_base_rs::error::CaError::Disconnected => PutError::NotConnected(pv.to_string()),
-            other => PutError::Refused(pv.to_string(), other.to_string()),
+        result.map_err(|e| {
+            // A write channel whose circuit came back while the server did not answer
+            // (a hung IOC) keeps "no write access" cached for good: forget it, so the
+            // next write makes a fresh one that asks the server again.
+            if let Ok(mut map) = self.put_channels.lock() {
+                map.remove(pv);
+            }
+            match e {
+                epics_base_rs::error::CaError::Timeout => {
+                    PutError::Timeout(pv.to_string(), timeout)
+                }
+                epics_base_rs::error::CaError::Disconnected => {
+                    PutError::NotConnected(pv.to_string())
+                }
+                other => PutError::Refused(pv.to_string(), other.to_string()),
+            }
         })
     }
 }

@@ -683,16 +683,21 @@ mod tests {
             }
         }
 
-        /// Sends everything of channel `c` to the plant (connect and values).
-        fn publish(&self, p: &mut Plant, c: usize) {
+        /// Sends everything of channel `c` to the plant (connect and values), with the
+        /// settings the service writes when a channel comes up.
+        fn publish(&mut self, p: &mut Plant, c: usize) {
             for s in 0..p.slots.len() {
                 if p.slots[s].channel == c {
                     p.apply(&CaEvent::Connected { slot: s });
                 }
             }
             for w in settings(&p.channels[c].clone(), c) {
+                if let (Param::V0Set, PutValue::Number(v)) = (w.param, &w.value) {
+                    self.out.get_mut(&(c, w.side)).unwrap().2 = *v;
+                }
                 set(p, c, w.side, w.param, &w.value);
             }
+            p.channels[c].settings_written = true;
             for side in [Side::Lv, Side::Hv] {
                 let (st, vmon, v0) = self.out[&(c, side)];
                 set(p, c, side, Param::Status, &PutValue::Number(st as f64));
@@ -776,6 +781,8 @@ mod tests {
         Disconnect(usize),
         Reconnect(usize),
         WritesFail(bool),
+        Clear,
+        Reload,
     }
 
     fn side() -> impl Strategy<Value = Side> {
@@ -792,6 +799,8 @@ mod tests {
             1 => (0..n).prop_map(Step::Disconnect),
             1 => (0..n).prop_map(Step::Reconnect),
             1 => any::<bool>().prop_map(Step::WritesFail),
+            1 => Just(Step::Clear),
+            1 => Just(Step::Reload),
         ]
     }
 
@@ -937,6 +946,38 @@ mod tests {
                     ioc.publish(&mut ctl.plant, c);
                 }
                 Step::WritesFail(f) => ioc.writes_fail = f,
+                Step::Clear => {
+                    for c in 0..n {
+                        for side in [Side::Lv, Side::Hv] {
+                            let e = ioc.out.get_mut(&(c, side)).unwrap();
+                            e.0 &= 0b111;
+                            if ioc.connected[c] {
+                                let st = e.0 as f64;
+                                set(
+                                    &mut ctl.plant,
+                                    c,
+                                    side,
+                                    Param::Status,
+                                    &PutValue::Number(st),
+                                );
+                            }
+                        }
+                    }
+                }
+                // The service refuses a reload during an LV-off sequence; otherwise a new
+                // plant, every channel not ready until its settings read back again.
+                Step::Reload if !ctl.in_sequence() => {
+                    ctl = Control::new(
+                        Plant::new("t", config(n).resolved(), Duration::ZERO),
+                        config(n).safety,
+                    );
+                    for c in 0..n {
+                        if ioc.connected[c] {
+                            ioc.publish(&mut ctl.plant, c);
+                        }
+                    }
+                }
+                Step::Reload => {}
             }
             advance(&mut ctl, &mut ioc, now, &mut replies);
         }
@@ -986,7 +1027,7 @@ mod tests {
             Plant::new("t", config(n).resolved(), Duration::ZERO),
             config(n).safety,
         );
-        let ioc = Ioc::new(n);
+        let mut ioc = Ioc::new(n);
         for c in 0..n {
             ioc.publish(&mut ctl.plant, c);
         }
@@ -1041,6 +1082,13 @@ mod tests {
         for w in settings(&ctl.plant.channels[0].clone(), 0) {
             set(&mut ctl.plant, 0, w.side, w.param, &w.value);
         }
+        ctl.plant.update_states(Instant::now());
+        assert_eq!(
+            ctl.plant.channels[0].state,
+            ChannelState::Connected,
+            "read back equal, but not written since the connect"
+        );
+        ctl.plant.channels[0].settings_written = true;
         ctl.plant.update_states(Instant::now());
         assert_eq!(ctl.plant.channels[0].state, ChannelState::LvOff);
         assert!(matches!(

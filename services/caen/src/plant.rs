@@ -75,8 +75,14 @@ pub struct Channel {
     pub ever_up: bool,
     /// Set-points given over MQTT since load; they win over the config on reconnect.
     pub set_v_override: [Option<f64>; 2],
-    /// Every configured setting has been read back equal to its configured value
-    /// since the last (re)connect or load: only then may the channel be switched on.
+    /// The service's writes of the configured settings since the last (re)connect all
+    /// completed ([`Channel::generation`] tells which connection they were for).
+    pub settings_written: bool,
+    /// Which connection of the channel the settings were last written for.
+    pub generation: u64,
+    /// Every configured setting has been written and read back equal to its configured
+    /// value since the last (re)connect or load: only then may the channel be switched
+    /// on.
     pub ready: bool,
     dirty: bool,
 }
@@ -198,6 +204,8 @@ impl Plant {
                     state: ChannelState::Init,
                     ever_up: false,
                     set_v_override: [None, None],
+                    settings_written: false,
+                    generation: 0,
                     ready: false,
                     dirty: true,
                 }
@@ -252,6 +260,7 @@ impl Plant {
                 supply.values[pi] = None;
                 // An IOC restarted without autosave has forgotten the settings.
                 ch.ready = false;
+                ch.settings_written = false;
             }
             CaEvent::Value { value, label, .. } => {
                 let new = Some(Reading {
@@ -291,7 +300,8 @@ impl Plant {
             let ch = &mut self.channels[i];
             if !ch.ready
                 && ch.connected()
-                && (!ch.cfg.active() || crate::control::pending_settings(ch, i).is_empty())
+                && (!ch.cfg.active()
+                    || ch.settings_written && crate::control::pending_settings(ch, i).is_empty())
             {
                 ch.ready = true;
                 if ch.cfg.active() {

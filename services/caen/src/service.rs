@@ -47,6 +47,12 @@ pub struct Service<C: ChannelAccess> {
     /// Events of the current watches. Replaced with them on reload/reconnect, so an
     /// event still queued from an old watch can never land on a new slot.
     events_rx: mpsc::UnboundedReceiver<CaEvent>,
+    /// The task writing each channel's settings.
+    settings_tasks: HashMap<usize, tokio::task::AbortHandle>,
+    /// Settings writes that completed: (channel, generation).
+    written_tx: mpsc::UnboundedSender<(usize, u64)>,
+    written_rx: mpsc::UnboundedReceiver<(usize, u64)>,
+    generation: u64,
     /// Commands answered later (LV-off sequences), by request number.
     pending: HashMap<u64, Message>,
     next_req: u64,
@@ -82,8 +88,13 @@ impl<C: ChannelAccess> Service<C> {
             cfg.resolved(),
             timeout(cfg.ca.connect_timeout_secs),
         );
+        let (written_tx, written_rx) = mpsc::unbounded_channel();
         let mut svc = Service {
             control: Control::new(plant, cfg.safety.clone()),
+            settings_tasks: HashMap::new(),
+            written_tx,
+            written_rx,
+            generation: 0,
             cfg,
             config_path,
             ca,
@@ -137,7 +148,29 @@ impl<C: ChannelAccess> Service<C> {
     /// Applies one CA event; settings are written when a channel comes up.
     pub fn apply(&mut self, ev: &CaEvent) {
         if let Change::CameUp(ci) = self.control.plant.apply(ev) {
+            // Numbered across reloads too, so a write task of an older connection can
+            // never vouch for this one.
+            self.generation += 1;
+            let ch = &mut self.control.plant.channels[ci];
+            ch.generation = self.generation;
+            ch.settings_written = false;
             self.write_settings(ci);
+        }
+    }
+
+    /// Takes in the settings writes that completed (see [`Service::write_settings`]).
+    pub fn settings_done(&mut self, ci: usize, generation: u64) {
+        if let Some(ch) = self.control.plant.channels.get_mut(ci) {
+            if ch.generation == generation {
+                ch.settings_written = true;
+            }
+        }
+    }
+
+    /// Settings writes completed and not yet taken in.
+    pub fn take_settings_done(&mut self) {
+        while let Ok((ci, g)) = self.written_rx.try_recv() {
+            self.settings_done(ci, g);
         }
     }
 
@@ -145,7 +178,7 @@ impl<C: ChannelAccess> Service<C> {
     /// the plan's order (after load, reload and every reconnect: an IOC restarted
     /// without autosave forgets them). The channel takes no switch-on until they
     /// have been read back (see [`control`]).
-    fn write_settings(&self, ci: usize) {
+    fn write_settings(&mut self, ci: usize) {
         let plant = &self.control.plant;
         let ch = &plant.channels[ci];
         if !ch.cfg.active() {
@@ -158,17 +191,33 @@ impl<C: ChannelAccess> Service<C> {
         let ca = self.ca.clone();
         let t = timeout(self.cfg.ca.put_timeout_secs);
         let id = ch.cfg.id.clone();
-        tokio::spawn(async move {
-            let n = writes.len();
-            let mut failed = 0;
-            for (pv, v) in writes {
-                if let Err(e) = ca.put(&pv, v, t).await {
-                    failed += 1;
-                    tracing::warn!(channel = %id, error = %e, "cannot write setting");
+        let (done, generation) = (self.written_tx.clone(), ch.generation);
+        let task = tokio::spawn(async move {
+            // Until every write went through: a channel that looks connected may not take
+            // writes yet (a hung IOC coming back). A newer connection aborts this task.
+            let mut backoff =
+                dcs_shared::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+            loop {
+                let mut failed = Vec::new();
+                for (pv, v) in &writes {
+                    if let Err(e) = ca.put(pv, v.clone(), t).await {
+                        failed.push(e.to_string());
+                    }
                 }
+                if failed.is_empty() {
+                    tracing::info!(channel = %id, written = writes.len(), "settings written");
+                    let _ = done.send((ci, generation));
+                    return;
+                }
+                let retry_in = backoff.next_delay();
+                tracing::warn!(channel = %id, failed = failed.len(), first = %failed[0], ?retry_in,
+                    "settings not all written: the channel takes no switch-on until they are");
+                tokio::time::sleep(retry_in).await;
             }
-            tracing::info!(channel = %id, written = n - failed, failed, "settings written");
         });
+        if let Some(old) = self.settings_tasks.insert(ci, task.abort_handle()) {
+            old.abort();
+        }
     }
 
     /// Carries out `writes` concurrently; returns the failed ones with why.
@@ -337,6 +386,9 @@ impl<C: ChannelAccess> Service<C> {
                 ch.set_v_override = o.set_v_override;
             }
         }
+        for (_, t) in self.settings_tasks.drain() {
+            t.abort();
+        }
         self.control = Control::new(plant, cfg.safety.clone());
         self.cfg = cfg;
         self.start_watches();
@@ -416,14 +468,14 @@ pub async fn run<C: ChannelAccess>(
 ) -> anyhow::Result<()> {
     let name = cfg.name.clone();
     let refresh = cfg.timing.refresh_secs;
-    let mut fsm = Service::new(cfg, config_path, ca);
+    let mut svc = Service::new(cfg, config_path, ca);
     let mut options =
         SessionOptions::new(&name).subscribe(&format!("{name}/cmd/#"), QoS::AtLeastOnce);
-    for f in fsm.permit.filters() {
+    for f in svc.permit.filters() {
         options = options.subscribe(&f, QoS::AtLeastOnce);
     }
     let (session, mut mqtt_events) = Session::start(&mqtt, options)?;
-    fsm.publish(&session, true);
+    svc.publish(&session, true);
 
     // Time-driven changes: the connection timeout and the LV-off deadline.
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -432,42 +484,46 @@ pub async fn run<C: ChannelAccess>(
         tokio::time::interval(timeout(if refresh > 0.0 { refresh } else { 3600.0 }));
     refresh_tick.tick().await;
     loop {
-        let settle_at = fsm.settle_at();
+        let settle_at = svc.settle_at();
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            ev = fsm.events_rx.recv() => {
+            ev = svc.events_rx.recv() => {
                 let Some(ev) = ev else { break };
-                fsm.apply(&ev);
+                svc.apply(&ev);
                 // Take what else is queued, then publish once: a burst of monitor
                 // updates becomes one message per channel.
                 for _ in 0..10_000 {
-                    match fsm.events_rx.try_recv() {
-                        Ok(ev) => fsm.apply(&ev),
+                    match svc.events_rx.try_recv() {
+                        Ok(ev) => svc.apply(&ev),
                         Err(_) => break,
                     }
                 }
-                fsm.publish(&session, false);
-                for (msg, outcome) in fsm.progress(Instant::now()).await {
-                    fsm.publish(&session, false);
-                    session.answer(&msg, outcome, fsm.state()).await;
+                svc.publish(&session, false);
+                for (msg, outcome) in svc.progress(Instant::now()).await {
+                    svc.publish(&session, false);
+                    session.answer(&msg, outcome, svc.state()).await;
                 }
             }
             _ = tick.tick() => {
-                fsm.publish(&session, false);
-                for (msg, outcome) in fsm.progress(Instant::now()).await {
-                    session.answer(&msg, outcome, fsm.state()).await;
+                svc.publish(&session, false);
+                for (msg, outcome) in svc.progress(Instant::now()).await {
+                    session.answer(&msg, outcome, svc.state()).await;
                 }
             }
-            _ = sleep_until_opt(settle_at) => fsm.publish(&session, false),
+            _ = sleep_until_opt(settle_at) => svc.publish(&session, false),
+            Some((ci, generation)) = svc.written_rx.recv() => {
+                svc.settings_done(ci, generation);
+                svc.publish(&session, false);
+            }
             _ = refresh_tick.tick(), if refresh > 0.0 => {
-                fsm.control.plant.mark_all_dirty();
-                fsm.shown_channels.iter_mut().for_each(String::clear);
-                fsm.publish(&session, true);
+                svc.control.plant.mark_all_dirty();
+                svc.shown_channels.iter_mut().for_each(String::clear);
+                svc.publish(&session, true);
             }
             ev = mqtt_events.recv() => match ev {
                 None => break,
                 Some(SessionEvent::Message(msg)) => {
-                    if fsm.permit.ingest(&msg.topic, &msg.payload, UtcNanos::now()) {
+                    if svc.permit.ingest(&msg.topic, &msg.payload, UtcNanos::now()) {
                         continue;
                     }
                     let Some(parsed) = command::parse::<CaenCommand>(&name, &msg) else { continue };
@@ -475,28 +531,28 @@ pub async fn run<C: ChannelAccess>(
                         Err(e) => Some(Err(e.to_string())),
                         Ok(cmd) => {
                             let force = matches!(cmd, CaenCommand::Refresh);
-                            let out = fsm.execute(cmd, &msg).await;
-                            fsm.publish(&session, force);
+                            let out = svc.execute(cmd, &msg).await;
+                            svc.publish(&session, force);
                             out
                         }
                     };
                     if let Some(outcome) = outcome {
-                        session.answer(&msg, outcome, fsm.state()).await;
+                        session.answer(&msg, outcome, svc.state()).await;
                     }
                 }
                 Some(_) => {}
             },
         }
     }
-    for req in fsm.control.abort_sequences() {
-        let Some(msg) = fsm.pending.remove(&req) else {
+    for req in svc.control.abort_sequences() {
+        let Some(msg) = svc.pending.remove(&req) else {
             continue;
         };
         session
             .answer(
                 &msg,
                 Err("the service stopped before HV had ramped down: LV left on".into()),
-                fsm.state(),
+                svc.state(),
             )
             .await;
     }
@@ -508,5 +564,172 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::ca::PutError;
+
+    /// A stand-in for the mainframe behind [`ChannelAccess`], for unit tests of this
+    /// loop: it records every write; the test plays the monitor events. (A fake: the
+    /// integration tests run the real CA client against caen-sim and caproto.)
+    #[derive(Default)]
+    struct FakeCa {
+        puts: Mutex<Vec<(String, PutValue)>>,
+    }
+
+    impl ChannelAccess for FakeCa {
+        fn watch(
+            &self,
+            _slot: usize,
+            _pv: &str,
+            _deadband: f64,
+            _events: mpsc::UnboundedSender<CaEvent>,
+        ) -> Watch {
+            Watch::new(tokio::spawn(async {}))
+        }
+
+        fn put(
+            &self,
+            pv: &str,
+            value: PutValue,
+            _timeout: Duration,
+        ) -> impl std::future::Future<Output = Result<(), PutError>> + Send {
+            if let Ok(mut p) = self.puts.lock() {
+                p.push((pv.to_string(), value));
+            }
+            async { Ok(()) }
+        }
+    }
+
+    fn config() -> CaenConfig {
+        let y = "name: dcs\nprefix: t\nchannels:\n  \"0\": {lv: {board: 0, chan: 0}, hv: {board: 12, chan: 0}, module: m0}\n\
+                 global:\n  lv: {setV: 12.0, maxI: 2.5, tripExt: 17, rampUpTime: 1.0}\n  hv: {setV: 100.0, tripMode: Kill}\n";
+        dcs_shared::config::from_str(y, std::path::Path::new("caen.yaml")).unwrap()
+    }
+
+    fn msg(topic: &str) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: Default::default(),
+            retain: false,
+            response_topic: None,
+            correlation_data: None,
+            ack: None,
+        }
+    }
+
+    fn value(svc: &mut Service<FakeCa>, pv: &str, v: &PutValue) {
+        let slot = svc.plant().slots.iter().position(|s| s.pv == pv).unwrap();
+        let (value, label) = match v {
+            PutValue::Number(n) => (*n, None),
+            PutValue::Label(l) => (0.0, Some(l.clone())),
+        };
+        svc.apply(&CaEvent::Value { slot, value, label });
+    }
+
+    #[tokio::test]
+    async fn settings_go_out_in_plan_order_and_gate_the_switch_on() {
+        let ca = Arc::new(FakeCa::default());
+        let mut svc = Service::new(config(), None, ca.clone());
+        let n = svc.plant().slots.len();
+        for slot in 0..n {
+            svc.apply(&CaEvent::Connected { slot });
+        }
+        for pv in ["t:00:000:Status", "t:12:000:Status"] {
+            value(&mut svc, pv, &PutValue::Number(0.0));
+        }
+        svc.control.plant.update_states(Instant::now());
+        assert_eq!(svc.plant().channels[0].state.as_str(), "CONNECTED");
+        let switch = CaenCommand::Switch {
+            side: Side::Lv,
+            on: true,
+            channel: None,
+        };
+        let out = svc.execute(switch.clone(), &msg("dcs/cmd/switch/lv")).await;
+        let Some(Err(e)) = out else { panic!("{out:?}") };
+        assert!(e.contains("settings not confirmed"), "{e}");
+        // The settings task has run by now (current-thread runtime, one await above).
+        for _ in 0..100 {
+            if ca.puts.lock().unwrap().len() >= 7 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let puts = ca.puts.lock().unwrap().clone();
+        let plan: Vec<String> = control::settings(&svc.plant().channels[0], 0)
+            .iter()
+            .map(|w| svc.plant().pv(0, w.side, w.param))
+            .collect();
+        assert_eq!(
+            puts.iter().map(|p| p.0.clone()).collect::<Vec<_>>(),
+            plan,
+            "settings in the plan's order, nothing else"
+        );
+        assert_eq!(plan.last().map(String::as_str), Some("t:12:000:V0Set"));
+        // Written and read back: now the switch-on goes out.
+        for (pv, v) in &puts {
+            value(&mut svc, pv, v);
+        }
+        svc.control.plant.update_states(Instant::now());
+        assert_eq!(
+            svc.plant().channels[0].state.as_str(),
+            "CONNECTED",
+            "read back, but the writes not yet known to be done"
+        );
+        svc.take_settings_done();
+        svc.control.plant.update_states(Instant::now());
+        assert_eq!(svc.plant().channels[0].state.as_str(), "LV_OFF");
+        let out = svc.execute(switch, &msg("dcs/cmd/switch/lv")).await;
+        assert_eq!(out, Some(Ok(())));
+        assert_eq!(
+            ca.puts.lock().unwrap().last(),
+            Some(&("t:00:000:Pw".to_string(), PutValue::Label("On".into())))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_lv_off_with_hv_on_is_answered_when_hv_is_down() {
+        let ca = Arc::new(FakeCa::default());
+        let mut svc = Service::new(config(), None, ca.clone());
+        for slot in 0..svc.plant().slots.len() {
+            svc.apply(&CaEvent::Connected { slot });
+        }
+        for w in control::settings(&svc.plant().channels[0].clone(), 0) {
+            let pv = svc.plant().pv(0, w.side, w.param);
+            value(&mut svc, &pv, &w.value);
+        }
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+            svc.take_settings_done();
+        }
+        value(&mut svc, "t:00:000:Status", &PutValue::Number(1.0));
+        value(&mut svc, "t:12:000:Status", &PutValue::Number(1.0));
+        value(&mut svc, "t:12:000:VMon", &PutValue::Number(100.0));
+        svc.control.plant.update_states(Instant::now());
+        let off = CaenCommand::Switch {
+            side: Side::Lv,
+            on: false,
+            channel: None,
+        };
+        let m = msg("dcs/cmd/switch/lv");
+        assert_eq!(svc.execute(off, &m).await, None, "answered later");
+        assert_eq!(
+            ca.puts.lock().unwrap().last(),
+            Some(&("t:12:000:Pw".to_string(), PutValue::Label("Off".into())))
+        );
+        assert!(svc.progress(Instant::now()).await.is_empty());
+        value(&mut svc, "t:12:000:Status", &PutValue::Number(0.0));
+        value(&mut svc, "t:12:000:VMon", &PutValue::Number(0.5));
+        let done = svc.progress(Instant::now()).await;
+        assert_eq!(done, vec![(m, Ok(()))]);
+        assert_eq!(
+            ca.puts.lock().unwrap().last(),
+            Some(&("t:00:000:Pw".to_string(), PutValue::Label("Off".into())))
+        );
     }
 }
