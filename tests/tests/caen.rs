@@ -29,27 +29,33 @@ const CHANNELS: &[TestChannel] = &[
     ("2", None, 0, 2, 12, 2),
 ];
 
+/// A broker, free CA ports and the test config (for the simulator and the FSM alike).
+fn setup() -> (Broker, tempfile::TempDir, CaPorts, std::path::PathBuf) {
+    let broker = Broker::start(BrokerKind::Dcs);
+    let dir = tempfile::tempdir().unwrap();
+    let ports = CaPorts::free();
+    let config_path = dir.path().join("caen.yaml");
+    std::fs::write(
+        &config_path,
+        config(
+            "dcs",
+            broker.port,
+            ports,
+            &dir.path().join("sim-state.json"),
+            CHANNELS,
+        ),
+    )
+    .unwrap();
+    (broker, dir, ports, config_path)
+}
+
 impl Rig {
     async fn start() -> Rig {
         Rig::start_with(&[]).await
     }
 
     async fn start_with(fsm_env: &[(&str, &str)]) -> Rig {
-        let broker = Broker::start(BrokerKind::Dcs);
-        let dir = tempfile::tempdir().unwrap();
-        let ports = CaPorts::free();
-        let config_path = dir.path().join("caen.yaml");
-        std::fs::write(
-            &config_path,
-            config(
-                "dcs",
-                broker.port,
-                ports,
-                &dir.path().join("sim-state.json"),
-                CHANNELS,
-            ),
-        )
-        .unwrap();
+        let (broker, dir, ports, config_path) = setup();
         let sim = CaenSim::start(&config_path, ports);
         let mut obs = Observer::connect(broker.port, "test-obs", &["dcs/#"]).await;
         let fsm = start_fsm_with(&config_path, ports, fsm_env);
@@ -439,21 +445,7 @@ async fn reload_applies_a_changed_config_and_keeps_the_old_one_if_broken() {
 /// same after a reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_switch_on_before_the_settings_are_read_back() {
-    let broker = Broker::start(BrokerKind::Dcs);
-    let dir = tempfile::tempdir().unwrap();
-    let ports = CaPorts::free();
-    let config_path = dir.path().join("caen.yaml");
-    std::fs::write(
-        &config_path,
-        config(
-            "dcs",
-            broker.port,
-            ports,
-            &dir.path().join("sim-state.json"),
-            CHANNELS,
-        ),
-    )
-    .unwrap();
+    let (broker, _dir, ports, config_path) = setup();
     let mut obs = Observer::connect(broker.port, "test-obs", &["dcs/status", "dcs/reply"]).await;
     let _fsm = start_fsm(&config_path, ports);
     obs.next_on("dcs/status", WAIT)
