@@ -430,6 +430,12 @@ impl Control {
                 ));
             }
             self.check_usable(&targets)?;
+            if !self.plant.channels[ci].ready {
+                // The settings task writes the set-point too: it would overwrite this one.
+                return Err(format!(
+                    "channel {channel} is still getting its configured settings: try again in a moment"
+                ));
+            }
             Ok(vec![Write {
                 channel: ci,
                 side,
@@ -1079,6 +1085,11 @@ mod tests {
             e.contains("settings not confirmed") && e.contains("LV TripInt"),
             "{e}"
         );
+        // Nor a set-point: the settings being written would overwrite it.
+        let Plan::Reply(Err(e)) = ctl.setv(Side::Lv, "0", 10.0) else {
+            panic!("setv accepted before the settings")
+        };
+        assert!(e.contains("still getting its configured settings"), "{e}");
         for w in settings(&ctl.plant.channels[0].clone(), 0) {
             set(&mut ctl.plant, 0, w.side, w.param, &w.value);
         }

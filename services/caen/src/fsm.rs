@@ -17,6 +17,14 @@ pub enum ChannelState {
 }
 
 impl ChannelState {
+    /// Whether the channel may carry voltage (on or ramping).
+    pub fn powered(self) -> bool {
+        matches!(
+            self,
+            ChannelState::LvRamp | ChannelState::LvOn | ChannelState::HvRamp | ChannelState::HvOn
+        )
+    }
+
     /// Every state, for exhaustive tests.
     pub const ALL: [ChannelState; 9] = [
         ChannelState::Init,
@@ -167,8 +175,18 @@ pub fn channel_state(
 /// reading). Rules in order, first match wins.
 pub fn system_state(channels: &[ChannelState]) -> (SystemState, Option<String>) {
     use ChannelState as C;
-    let any = |s: C| channels.contains(&s);
-    let all = |s: C| channels.iter().all(|c| *c == s);
+    // A channel connected but not (yet) read or set up counts as off while others are
+    // powered: CONNECTED must never hide power on the system state.
+    let powered = channels.iter().any(|c| c.powered());
+    let norm: Vec<C> = channels
+        .iter()
+        .map(|c| match c {
+            C::Connected if powered => C::LvOff,
+            other => *other,
+        })
+        .collect();
+    let any = |s: C| norm.contains(&s);
+    let all = |s: C| norm.iter().all(|c| *c == s);
     let state = if any(C::Error) {
         SystemState::Error
     } else if any(C::Disconnected) {
@@ -176,8 +194,8 @@ pub fn system_state(channels: &[ChannelState]) -> (SystemState, Option<String>) 
     } else if any(C::Init) {
         // INIT is the system's own first state, kept until every channel is heard from.
         SystemState::Init
-    } else if all(C::Connected) || any(C::Connected) {
-        // Some channels connected but not yet read (or not yet set up).
+    } else if any(C::Connected) {
+        // Some channels connected but not yet read (or not yet set up), none powered.
         SystemState::Connected
     } else if all(C::LvOff) {
         SystemState::LvOff
@@ -294,7 +312,10 @@ mod tests {
         assert_eq!(s(&[C::LvOn, C::Disconnected]), S::Disconnected);
         assert_eq!(s(&[C::Init, C::LvOn]), S::Init);
         assert_eq!(s(&[C::Connected, C::Connected]), S::Connected);
-        assert_eq!(s(&[C::LvOn, C::Connected, C::LvOff]), S::Connected);
+        assert_eq!(s(&[C::LvOff, C::Connected]), S::Connected);
+        // Never CONNECTED while a channel is powered: the unready one counts as off.
+        assert_eq!(s(&[C::HvOn, C::Connected]), S::LvMix);
+        assert_eq!(s(&[C::LvOn, C::Connected, C::LvOff]), S::LvMix);
         assert_eq!(s(&[C::LvOff, C::LvOff]), S::LvOff);
         assert_eq!(s(&[C::LvOff, C::LvRamp]), S::LvRamp);
         assert_eq!(s(&[C::LvRamp, C::HvRamp]), S::LvRamp);
@@ -327,6 +348,13 @@ mod tests {
                 assert_eq!(state, S::Error, "{set:?}");
             } else if set.contains(&C::Disconnected) {
                 assert_eq!(state, S::Disconnected, "{set:?}");
+            }
+            // Power is never hidden behind CONNECTED or LV_OFF.
+            if set.iter().any(|c| c.powered()) && !set.contains(&C::Error) {
+                assert!(
+                    !matches!(state, S::Connected | S::LvOff),
+                    "{set:?} -> {state:?}"
+                );
             }
             // ON states only when every channel is there.
             if matches!(state, S::LvOn | S::HvOn | S::HvMix) {

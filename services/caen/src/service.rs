@@ -70,17 +70,11 @@ impl<C: ChannelAccess> Service<C> {
     /// Builds the plant of `cfg` and starts watching its PVs.
     pub fn new(cfg: CaenConfig, config_path: Option<PathBuf>, ca: Arc<C>) -> Self {
         let (events, events_rx) = mpsc::unbounded_channel();
-        let key_file = cfg
-            .safety
-            .permit_key_file
-            .as_ref()
-            .map(|f| match &config_path {
-                Some(c) => dcs_shared::config::relative_to(c, f),
-                None => f.clone(),
-            });
+        // `permit_key_file` was made relative to the config file when it was loaded
+        // (`program::load`): resolving it again here would point elsewhere.
         let permit = Permit::new(
             cfg.safety.interlock.as_deref(),
-            key_file,
+            cfg.safety.permit_key_file.clone(),
             cfg.safety.permit_max_age_secs,
         );
         let plant = Plant::new(
@@ -383,7 +377,19 @@ impl<C: ChannelAccess> Service<C> {
                             ch.cfg.hv_chan,
                         )
             }) {
-                ch.set_v_override = o.set_v_override;
+                for (i, limit) in [ch.cfg.lv.limit_v, ch.cfg.hv.limit_v]
+                    .into_iter()
+                    .enumerate()
+                {
+                    match o.set_v_override[i] {
+                        Some(v) if (0.0..=limit.unwrap_or(0.0)).contains(&v) => {
+                            ch.set_v_override[i] = Some(v);
+                        }
+                        Some(v) => tracing::warn!(channel = %ch.cfg.id, volts = v,
+                            "set-point given over MQTT is outside the reloaded limits: the file's is used"),
+                        None => {}
+                    }
+                }
             }
         }
         for (_, t) in self.settings_tasks.drain() {

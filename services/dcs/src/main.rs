@@ -101,9 +101,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match cli.command {
-        Cmd::Up { config, simulate } => runtime.block_on(up(&config, simulate)),
-        Cmd::Check { config } => check(&config).map(|(summary, _)| println!("{summary}")),
+    // Exit codes: 2 for a configuration error (checked first), 1 for a failure at run
+    // time, as every component.
+    let config_error = |e: anyhow::Error| {
+        eprintln!("dcs: {e:#}");
+        ExitCode::from(2)
+    };
+    let run_time = |r: anyhow::Result<()>| match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dcs: {e:#}");
+            ExitCode::FAILURE
+        }
+    };
+    match cli.command {
+        Cmd::Up { config, simulate } => match check(&config) {
+            Err(e) => config_error(e),
+            Ok(_) => run_time(runtime.block_on(up(&config, simulate))),
+        },
+        Cmd::Check { config } => match check(&config) {
+            Err(e) => config_error(e),
+            Ok((summary, _)) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+        },
         Cmd::Run {
             runs:
                 Some(Runs::Show {
@@ -112,17 +134,13 @@ fn main() -> ExitCode {
                     config,
                 }),
             ..
-        } => runtime.block_on(show_run(&config, &run_id, json)),
-        Cmd::Run { .. } => Err(anyhow::anyhow!(
+        } => match show_config(&config) {
+            Err(e) => config_error(e),
+            Ok(cfg) => run_time(runtime.block_on(show_run(&cfg, &run_id, json))),
+        },
+        Cmd::Run { .. } => config_error(anyhow::anyhow!(
             "give a component name (`dcs run NAME`) or `dcs run show RUN_ID`"
         )),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dcs: {e:#}");
-            ExitCode::from(2)
-        }
     }
 }
 
@@ -283,8 +301,8 @@ fn run(name: &str, path: &Path, check: bool) -> ExitCode {
     (component.run)(stack, file, check)
 }
 
-/// `dcs run show`: the run and its environment, as a table or JSON.
-async fn show_run(path: &Path, run_id: &str, json: bool) -> anyhow::Result<()> {
+/// The bridge config `dcs run show` reads the databases from.
+fn show_config(path: &Path) -> anyhow::Result<ph2acf::BridgeConfig> {
     let stack = StackConfig::load(path)?;
     let file = stack
         .enabled(false)
@@ -292,8 +310,12 @@ async fn show_run(path: &Path, run_id: &str, json: bool) -> anyhow::Result<()> {
         .find(|(c, _)| c.name == "ph2acf-bridge")
         .and_then(|(_, f)| f)
         .ok_or_else(|| anyhow::anyhow!("no `ph2acf-bridge` service in {}", path.display()))?;
-    let cfg = components::load_ph2acf(Some(&file))?;
-    let view = ph2acf::show::fetch(&cfg, run_id).await?;
+    components::load_ph2acf(Some(&file))
+}
+
+/// `dcs run show`: the run and its environment, as a table or JSON.
+async fn show_run(cfg: &ph2acf::BridgeConfig, run_id: &str, json: bool) -> anyhow::Result<()> {
+    let view = ph2acf::show::fetch(cfg, run_id).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {

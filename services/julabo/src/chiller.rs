@@ -394,8 +394,17 @@ impl Chiller {
             JulaboCommand::UseSP(n) => self.check_setpoints(Some(n - 1)).await?,
             _ => {}
         }
+        // A query the unit did not answer since the last STATUS (a probe is owed) may
+        // have left a "rejected command" report for the next STATUS: take it now, so
+        // it is not read as the unit refusing this write.
+        if self.schedule.status_owed() {
+            let _ = self.ask(Query::Status).await;
+        }
         let Some(link) = self.link.as_mut() else {
-            return Err("the chiller is not connected".into());
+            return Err(format!(
+                "the chiller is not connected ({})",
+                self.line_error.as_deref().unwrap_or("line closed")
+            ));
         };
         let at = UtcNanos::now();
         let result = link.write(write).await;
@@ -439,7 +448,7 @@ impl Chiller {
 
     /// Whether a STATUS is owed to a command and will be published once read.
     pub fn status_owed(&self) -> bool {
-        self.schedule.status_owed()
+        self.schedule.publish_owed()
     }
 
     /// The `julabo/status` payload (see [`Readings::to_json`]); while DISCONNECTED
@@ -658,6 +667,33 @@ mod tests {
             (&json!(true), &json!(-20.0)),
             "{s}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_query_report_is_not_blamed_on_the_next_write() {
+        let u = unit();
+        u.lock().unwrap().unknown.insert("IN_MODE_01".into());
+        let mut c = chiller(&u);
+        until_published(&mut c).await;
+        // Poll on until IN_MODE_01 has just gone unanswered: the unit now holds a -08
+        // for the next STATUS, and a probe is owed.
+        loop {
+            let slot = c.next_slot(false);
+            if let Slot::Idle(t) = slot {
+                tokio::time::sleep_until(t).await;
+                continue;
+            }
+            c.step(slot).await;
+            if slot == Slot::Query(Query::ActiveSetpoint) {
+                break;
+            }
+        }
+        assert!(u.lock().unwrap().invalid);
+        // A command takes the slot before the probe: the stop is carried out and
+        // confirmed, not "refused".
+        assert_eq!(c.execute(&JulaboCommand::Stop).await, Ok(()));
+        assert!(!u.lock().unwrap().running);
+        assert_eq!(c.state(), State::Off);
     }
 
     #[tokio::test(start_paused = true)]

@@ -81,9 +81,14 @@ impl Schedule {
         self.status = Some(self.status.unwrap_or(false) || publish);
     }
 
-    /// Whether a STATUS is owed.
+    /// Whether a STATUS is owed (to a command, or as a probe after a failed query).
     pub fn status_owed(&self) -> bool {
         self.status.is_some()
+    }
+
+    /// Whether a STATUS is owed whose result is to be published.
+    pub fn publish_owed(&self) -> bool {
+        self.status == Some(true)
     }
 
     /// `q`, chosen by [`Schedule::next`] and sent at `started`, has been carried out.
@@ -92,8 +97,9 @@ impl Schedule {
     pub fn done(&mut self, q: Query, started: Instant) -> bool {
         if q == Query::Status {
             if let Some(publish) = self.status.take() {
-                // The STATUS of a cycle that was about to ask it counts for both.
-                if self.pos == Some(0) {
+                // Owed just as a cycle was due to start with STATUS: it counts for both.
+                if self.pos.is_none() && started >= self.next_start {
+                    self.next_start = started + self.interval;
                     self.pos = Some(1);
                 }
                 return publish;
@@ -206,8 +212,13 @@ mod tests {
         s.want_status(false);
         assert_eq!(s.next(t0, false, None), Slot::Query(Query::Status));
         assert!(!s.done(Query::Status, t0));
-        // The cycle had not started: it starts with STATUS.
-        assert_eq!(s.next(t0, false, None), Slot::Query(Query::Status));
+        // The cycle was due to start with STATUS: that one counted, it goes on.
+        assert_eq!(s.next(t0, false, None), Slot::Query(CYCLE[1]));
+        // Owed while the next cycle is not due yet: the cycle still starts with STATUS.
+        let mut s = Schedule::new(5 * S, t0 + S);
+        s.want_status(false);
+        assert!(!s.done(Query::Status, t0));
+        assert_eq!(s.next(t0 + S, false, None), Slot::Query(Query::Status));
         // A probe and a publish asked together: published.
         s.want_status(false);
         s.want_status(true);

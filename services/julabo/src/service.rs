@@ -45,6 +45,7 @@ pub async fn run(
     publish(&chiller);
 
     let mut queue = Queue::new();
+    let mut interrupted = None;
     'run: loop {
         loop {
             match events.try_recv() {
@@ -62,7 +63,10 @@ pub async fn run(
                     Err(e) => Err(e.to_string()),
                     Ok(cmd) => {
                         let result = tokio::select! {
-                            _ = shutdown.cancelled() => break 'run,
+                            _ = shutdown.cancelled() => {
+                                interrupted = Some(msg);
+                                break 'run;
+                            }
                             r = chiller.execute(&cmd) => r,
                         };
                         // Unless a STATUS still owed to this command will publish it.
@@ -93,6 +97,19 @@ pub async fn run(
                 }
             }
         }
+    }
+    // Every command still gets its one reply.
+    while let Ok(ev) = events.try_recv() {
+        take(&name, ev, &mut queue);
+    }
+    let state = chiller.state();
+    if let Some(msg) = interrupted {
+        let why = format!("the service stopped while carrying this out: check {status_topic}");
+        session.answer(&msg, Err(why), state.as_str()).await;
+    }
+    for (msg, _) in queue {
+        let why = "the service is stopping: not carried out";
+        session.answer(&msg, Err(why.into()), state.as_str()).await;
     }
     session.shutdown().await;
     Ok(())
