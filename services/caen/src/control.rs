@@ -413,7 +413,7 @@ impl Control {
 
     /// A set-point (`<name>/cmd/setv/<side>`).
     pub fn setv(&self, side: Side, channel: &str, volts: f64) -> Plan {
-        let plan = || -> Result<Vec<Write>, String> {
+        let plan = || -> Result<(usize, Write), String> {
             let targets = targets(&self.plant, Some(channel))?;
             let ci = targets[0];
             let cfg = &self.plant.channels[ci].cfg;
@@ -436,18 +436,21 @@ impl Control {
                     "channel {channel} is still getting its configured settings: try again in a moment"
                 ));
             }
-            Ok(vec![Write {
-                channel: ci,
-                side,
-                param: Param::V0Set,
-                value: PutValue::Number(volts),
-            }])
+            Ok((
+                ci,
+                Write {
+                    channel: ci,
+                    side,
+                    param: Param::V0Set,
+                    value: PutValue::Number(volts),
+                },
+            ))
         };
         match plan() {
-            Ok(w) => Plan::Write(
-                w,
+            Ok((channel, w)) => Plan::Write(
+                vec![w],
                 Then::SetV {
-                    channel: self.plant.find(channel).unwrap_or(0),
+                    channel,
                     side,
                     volts,
                 },

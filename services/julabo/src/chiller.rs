@@ -157,11 +157,7 @@ impl Chiller {
         }
     }
 
-    /// Closes the line now; it is reopened after the backoff.
-    pub fn close(&mut self, why: String) {
-        self.lost(why);
-    }
-
+    /// Closes the line (if open) for `why`; it is reopened after the backoff.
     fn lost(&mut self, why: String) {
         let delay = self.backoff.next_delay();
         if self.link.is_some() || self.line_error.as_deref() != Some(why.as_str()) {
