@@ -39,6 +39,12 @@ pub trait Program: 'static {
     /// file is done by [`load`]).
     fn resolve_paths(_cfg: &mut Self::Config, _file: &Path) {}
 
+    /// Loads what the config names in files of its own (a register map, say), once
+    /// its paths are resolved; an error names that file, line and key.
+    fn load_files(_cfg: &mut Self::Config) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
     /// The MQTT settings in the config, for programs that use MQTT.
     fn mqtt(_cfg: &mut Self::Config) -> Option<&mut MqttSettings> {
         None
@@ -75,6 +81,7 @@ pub fn load<P: Program>(file: &Path) -> Result<P::Config, ConfigError> {
             m.password_file = Some(config::relative_to(file, &p));
         }
     }
+    P::load_files(&mut cfg)?;
     Ok(cfg)
 }
 

@@ -102,11 +102,13 @@ pub static COMPONENTS: &[Component] = &[
     crate::components::BROKER,
     Component::program::<caen::CaenFsm>(Kind::Service),
     Component::program::<julabo::Julabo>(Kind::Service),
+    Component::program::<marta::Marta>(Kind::Service),
     Component::program::<telemetry::Telemetry>(Kind::Service),
     Component::program::<interlock::Interlock>(Kind::Service),
     Component::program::<ph2acf::Bridge>(Kind::Service),
     Component::program::<caen_sim::CaenSim>(Kind::Simulator),
     Component::program::<julabo_sim::JulaboSim>(Kind::Simulator),
+    Component::program::<marta_sim::MartaSim>(Kind::Simulator),
     Component::program::<env_sim::EnvSim>(Kind::Simulator),
     Component::program::<ph2acf_sim::Ph2acfSim>(Kind::Simulator),
 ];

@@ -55,6 +55,10 @@ pub struct Targets {
     pub caen: String,
     /// The chiller driver (`julabo`): `<chiller>/status` is read, `<chiller>/cmd/setWT` sent.
     pub chiller: String,
+    /// The MARTA CO2 plant driver (`MARTA`), when the lab cools with it:
+    /// `<marta>/status` is read, `<marta>/cmd/stop_co2` and
+    /// `<marta>/cmd/set_temperature_setpoint` sent by the `marta_*` actions.
+    pub marta: Option<String>,
     /// A target status older than this is unknown, hence unsafe. Must exceed the
     /// services' republish periods (CAEN `timing.refresh_secs`, Julabo poll).
     pub max_age_secs: f64,
@@ -65,6 +69,7 @@ impl Default for Targets {
         Targets {
             caen: "dcs".into(),
             chiller: "julabo".into(),
+            marta: None,
             max_age_secs: 30.0,
         }
     }
@@ -197,7 +202,8 @@ pub struct ActionStep {
     /// What to do.
     #[serde(rename = "do")]
     pub action: ActionKind,
-    /// `chiller_setpoint`: the temperature, degC (the set-point is only ever raised).
+    /// `chiller_setpoint`, `marta_setpoint`: the temperature, degC (the set-point is
+    /// only ever raised).
     #[serde(default)]
     pub temp: Option<f64>,
     /// Seconds after the alarm was raised before this action is due (an earlier
@@ -216,6 +222,10 @@ pub enum ActionKind {
     LvOff,
     /// `<chiller>/cmd/setWT` on the set-point in use.
     ChillerSetpoint,
+    /// `<marta>/cmd/set_temperature_setpoint`.
+    MartaSetpoint,
+    /// `<marta>/cmd/stop_co2`.
+    MartaStopCo2,
 }
 
 impl ActionKind {
@@ -225,6 +235,8 @@ impl ActionKind {
             ActionKind::HvOff => "hv_off",
             ActionKind::LvOff => "lv_off",
             ActionKind::ChillerSetpoint => "chiller_setpoint",
+            ActionKind::MartaSetpoint => "marta_setpoint",
+            ActionKind::MartaStopCo2 => "marta_stop_co2",
         }
     }
 }
@@ -362,7 +374,10 @@ impl Validate for InterlockConfig {
         for (key, v) in [
             ("targets.caen", &self.targets.caen),
             ("targets.chiller", &self.targets.chiller),
-        ] {
+        ]
+        .into_iter()
+        .chain(self.targets.marta.as_ref().map(|m| ("targets.marta", m)))
+        {
             if !level_ok(v) {
                 return invalid(key, "must be a service name (an MQTT topic level)");
             }
@@ -516,17 +531,37 @@ fn check_rule(name: &str, r: &RuleConfig, cfg: &InterlockConfig) -> Result<(), (
             );
         }
         last_after = a.after_secs;
-        match (a.action, a.temp) {
-            (ActionKind::ChillerSetpoint, None) => {
-                return invalid(ka("temp"), "required for chiller_setpoint")
+        let setpoint = matches!(
+            a.action,
+            ActionKind::ChillerSetpoint | ActionKind::MartaSetpoint
+        );
+        match (setpoint, a.temp) {
+            (true, None) => {
+                return invalid(ka("temp"), format!("required for {}", a.action.as_str()))
             }
-            (ActionKind::ChillerSetpoint, Some(t)) if !t.is_finite() => {
+            (true, Some(t)) if !t.is_finite() => {
                 return invalid(ka("temp"), "must be a finite number")
             }
-            (ActionKind::HvOff | ActionKind::LvOff, Some(_)) => {
-                return invalid(ka("temp"), "only chiller_setpoint takes a temperature")
+            (false, Some(_)) => {
+                return invalid(
+                    ka("temp"),
+                    "only chiller_setpoint and marta_setpoint take a temperature",
+                )
             }
             _ => {}
+        }
+        if matches!(
+            a.action,
+            ActionKind::MartaSetpoint | ActionKind::MartaStopCo2
+        ) && cfg.targets.marta.is_none()
+        {
+            return invalid(
+                ka("do"),
+                format!(
+                    "{} needs `targets.marta` (the MARTA driver's name)",
+                    a.action.as_str()
+                ),
+            );
         }
     }
     Ok(())
@@ -622,7 +657,7 @@ rules:
                     "{do: hv_off, after_secs: 10, temp: 3}",
                 ),
                 "rules.dew_point.actions[1].temp",
-                "only chiller_setpoint",
+                "only chiller_setpoint and marta_setpoint",
             ),
             (
                 GOOD.replace(
@@ -656,6 +691,22 @@ rules:
                 GOOD.replace("{do: hv_off", "{do: hv_of"),
                 "rules.dew_point.actions[1].do",
                 "unknown variant",
+            ),
+            (
+                GOOD.replace(
+                    "{do: hv_off, after_secs: 30}",
+                    "{do: marta_stop_co2, after_secs: 30}",
+                ),
+                "rules.dew_point.actions[1].do",
+                "needs `targets.marta`",
+            ),
+            (
+                GOOD.replace(
+                    "{do: hv_off, after_secs: 30}",
+                    "{do: marta_setpoint, after_secs: 30}",
+                ),
+                "rules.dew_point.actions[1].temp",
+                "required for marta_setpoint",
             ),
         ];
         for (text, key, msg) in cases {

@@ -99,7 +99,8 @@ impl Interlock {
                 &cfg.targets.caen,
                 &cfg.targets.chiller,
                 Duration::from_secs_f64(cfg.targets.max_age_secs),
-            ),
+            )
+            .with_marta(cfg.targets.marta.as_deref()),
             rules,
             readers,
             restore_until: now + Duration::from_secs(5),

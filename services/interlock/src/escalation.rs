@@ -23,7 +23,7 @@ pub struct Outgoing {
 /// What became of one action, for the alarm payload.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
-    /// `hv_off`, `lv_off`, `chiller_setpoint`.
+    /// `hv_off`, `lv_off`, `chiller_setpoint`, `marta_setpoint`, `marta_stop_co2`.
     pub action: ActionKind,
     /// The command sent, if one was needed.
     pub command: Option<String>,
@@ -80,6 +80,11 @@ fn done(step: &ActionStep, plant: &Plant, now: Instant) -> bool {
                 .chiller_setpoint(now)
                 .is_some_and(|(_, t)| t >= want - 0.05)
         }
+        ActionKind::MartaSetpoint => {
+            let want = step.temp.unwrap_or(f64::INFINITY);
+            plant.marta_setpoint(now).is_some_and(|t| t >= want - 0.05)
+        }
+        ActionKind::MartaStopCo2 => plant.marta_co2_on(now) == Known::No,
     }
 }
 
@@ -102,6 +107,14 @@ fn command(step: &ActionStep, plant: &Plant, now: Instant) -> Outgoing {
                 payload: json!({"setpoint": n, "temp": step.temp}).to_string(),
             }
         }
+        ActionKind::MartaSetpoint => Outgoing {
+            topic: format!("{}/cmd/set_temperature_setpoint", plant.marta()),
+            payload: json!(step.temp).to_string(),
+        },
+        ActionKind::MartaStopCo2 => Outgoing {
+            topic: format!("{}/cmd/stop_co2", plant.marta()),
+            payload: String::new(),
+        },
     }
 }
 
@@ -378,6 +391,50 @@ mod tests {
         assert_eq!(
             out[0].topic, "julabo/cmd/setWT",
             "from the first failed action"
+        );
+    }
+
+    #[test]
+    fn marta_stop_co2_and_safe_setpoint_confirmed_from_its_status() {
+        let t0 = Instant::now();
+        let w = UtcNanos(0);
+        let s = |action, temp| ActionStep {
+            action,
+            temp,
+            after_secs: 0.0,
+        };
+        let steps = vec![
+            s(ActionKind::MartaSetpoint, Some(15.0)),
+            s(ActionKind::MartaStopCo2, None),
+        ];
+        let marta = |sp: f64, co2: bool| {
+            let mut p = Plant::new("dcs", "julabo", Duration::from_secs(60)).with_marta(Some("M1"));
+            let st = format!(r#"{{"temperature_setpoint":{sp},"co2_on":{co2}}}"#);
+            p.ingest("M1/status", st.as_bytes(), t0);
+            p
+        };
+        let mut e = Escalation::new(steps.clone(), Duration::from_secs(10));
+        e.start(t0);
+        let (out, _) = e.step(&marta(-30.0, true), t0, w);
+        assert_eq!(out[0].topic, "M1/cmd/set_temperature_setpoint");
+        assert_eq!(out[0].payload, "15.0");
+        let (out, _) = e.step(&marta(15.0, true), t0, w);
+        assert!(e.log[0].result.starts_with("confirmed"), "{:?}", e.log);
+        assert_eq!(out[0].topic, "M1/cmd/stop_co2");
+        assert_eq!(out[0].payload, "");
+        e.step(&marta(15.0, false), t0, w);
+        assert!(e.log[1].result.starts_with("confirmed"), "{:?}", e.log);
+        assert!(!e.running());
+        // Already warmer and stopped: nothing sent. Unknown (offline): sent.
+        let mut e = Escalation::new(steps, Duration::from_secs(10));
+        e.start(t0);
+        assert!(e.step(&marta(20.0, false), t0, w).0.is_empty());
+        e.start(t0);
+        let mut off = marta(20.0, false);
+        off.ingest("M1/online", b"false", t0);
+        assert_eq!(
+            e.step(&off, t0, w).0[0].topic,
+            "M1/cmd/set_temperature_setpoint"
         );
     }
 

@@ -26,16 +26,27 @@ struct Chiller {
     at: Option<Instant>,
 }
 
+/// The MARTA CO2 plant as last published.
+#[derive(Debug, Clone, Default)]
+struct Marta {
+    setpoint: Option<f64>,
+    co2_on: Option<bool>,
+    at: Option<Instant>,
+}
+
 /// The commanded services' state.
 #[derive(Debug)]
 pub struct Plant {
     caen: String,
     chiller_name: String,
+    marta_name: Option<String>,
     max_age: Duration,
     channels: BTreeMap<String, Channel>,
     chiller: Chiller,
+    marta: Marta,
     caen_offline: bool,
     chiller_offline: bool,
+    marta_offline: bool,
 }
 
 /// A yes/no the interlock may not know.
@@ -55,22 +66,36 @@ impl Plant {
         Plant {
             caen: caen.into(),
             chiller_name: chiller.into(),
+            marta_name: None,
             max_age,
             channels: BTreeMap::new(),
             chiller: Chiller::default(),
+            marta: Marta::default(),
             caen_offline: false,
             chiller_offline: false,
+            marta_offline: false,
         }
     }
 
+    /// Also follows the MARTA driver `marta`.
+    pub fn with_marta(mut self, marta: Option<&str>) -> Self {
+        self.marta_name = marta.map(String::from);
+        self
+    }
+
     /// The topics to subscribe to.
-    pub fn filters(&self) -> [String; 4] {
-        [
+    pub fn filters(&self) -> Vec<String> {
+        let mut f = vec![
             format!("{}/channels/+", self.caen),
             format!("{}/status", self.chiller_name),
             format!("{}/reply", self.caen),
             format!("{}/reply", self.chiller_name),
-        ]
+        ];
+        if let Some(m) = &self.marta_name {
+            f.push(format!("{m}/status"));
+            f.push(format!("{m}/reply"));
+        }
+        f
     }
 
     /// Takes a message if it is a status of a target; `true` if it was one.
@@ -82,6 +107,21 @@ impl Plant {
         if is(topic, &self.chiller_name, "online") {
             self.chiller_offline = payload == b"false";
             return true;
+        }
+        if let Some(m) = &self.marta_name {
+            if is(topic, m, "online") {
+                self.marta_offline = payload == b"false";
+                return true;
+            }
+            if is(topic, m, "status") {
+                let doc = serde_json::from_slice::<Json>(payload).unwrap_or(Json::Null);
+                self.marta = Marta {
+                    setpoint: doc.get("temperature_setpoint").and_then(Json::as_f64),
+                    co2_on: doc.get("co2_on").and_then(Json::as_bool),
+                    at: doc.is_object().then_some(now),
+                };
+                return true;
+            }
         }
         if let Some(id) = topic
             .strip_prefix(self.caen.as_str())
@@ -179,9 +219,34 @@ impl Plant {
         Some((n, self.chiller.setpoints[usize::from(n - 1)]?))
     }
 
+    fn marta_fresh(&self, now: Instant) -> Option<&Marta> {
+        let at = self.marta.at?;
+        (!self.marta_offline && now.saturating_duration_since(at) <= self.max_age)
+            .then_some(&self.marta)
+    }
+
+    /// MARTA's temperature set-point, if known and fresh.
+    pub fn marta_setpoint(&self, now: Instant) -> Option<f64> {
+        self.marta_fresh(now)?.setpoint
+    }
+
+    /// Whether MARTA's CO2 start bit is set, if known and fresh.
+    pub fn marta_co2_on(&self, now: Instant) -> Known {
+        match self.marta_fresh(now).and_then(|m| m.co2_on) {
+            Some(true) => Known::Yes,
+            Some(false) => Known::No,
+            None => Known::Unknown,
+        }
+    }
+
     /// Whether `topic` is a target's command reply topic.
     pub fn is_reply(&self, topic: &str) -> bool {
-        is(topic, &self.caen, "reply") || is(topic, &self.chiller_name, "reply")
+        is(topic, &self.caen, "reply")
+            || is(topic, &self.chiller_name, "reply")
+            || self
+                .marta_name
+                .as_deref()
+                .is_some_and(|m| is(topic, m, "reply"))
     }
 
     /// The CAEN FSM's MQTT name.
@@ -192,6 +257,12 @@ impl Plant {
     /// The chiller driver's MQTT name.
     pub fn chiller(&self) -> &str {
         &self.chiller_name
+    }
+
+    /// The MARTA driver's MQTT name (config-checked to be set when a `marta_*`
+    /// action exists).
+    pub fn marta(&self) -> &str {
+        self.marta_name.as_deref().unwrap_or("MARTA")
     }
 }
 
@@ -249,6 +320,42 @@ mod tests {
         assert_eq!(p.any_lv_on(t0), Known::Unknown);
         p.ingest("dcs/online", b"false", t0);
         assert_eq!(p.any_hv_on(t0), Known::Unknown);
+    }
+
+    #[test]
+    fn marta_setpoint_and_co2_from_its_status() {
+        let t0 = Instant::now();
+        let mut p = Plant::new("dcs", "julabo", Duration::from_secs(30));
+        // Not followed unless configured.
+        assert!(!p.ingest("MARTA/status", br#"{"co2_on":true}"#, t0));
+        let mut p = p.with_marta(Some("MARTA"));
+        assert!(p.filters().contains(&"MARTA/status".to_string()));
+        assert!(p.is_reply("MARTA/reply"));
+        assert_eq!(p.marta_co2_on(t0), Known::Unknown);
+        p.ingest(
+            "MARTA/status",
+            br#"{"temperature_setpoint":-30.0,"co2_on":true}"#,
+            t0,
+        );
+        assert_eq!(p.marta_setpoint(t0), Some(-30.0));
+        assert_eq!(p.marta_co2_on(t0), Known::Yes);
+        assert_eq!(p.marta_co2_on(t0 + Duration::from_secs(31)), Known::Unknown);
+        // A plant that does not answer publishes nulls: unknown, not stopped.
+        p.ingest(
+            "MARTA/status",
+            br#"{"temperature_setpoint":null,"co2_on":null}"#,
+            t0,
+        );
+        assert_eq!(p.marta_co2_on(t0), Known::Unknown);
+        assert_eq!(p.marta_setpoint(t0), None);
+        p.ingest(
+            "MARTA/status",
+            br#"{"temperature_setpoint":20.0,"co2_on":false}"#,
+            t0,
+        );
+        assert_eq!(p.marta_co2_on(t0), Known::No);
+        p.ingest("MARTA/online", b"false", t0);
+        assert_eq!(p.marta_co2_on(t0), Known::Unknown);
     }
 
     #[test]

@@ -1,0 +1,430 @@
+//! MQTT commands of SPEC 10, parsed, then planned against the plant's state: a plan is
+//! the register writes a command makes, or the reason it is refused. No I/O.
+
+use std::time::Duration;
+
+use dcs_shared::command::{self, show_number, Command, CommandError};
+
+use crate::config::Limits;
+use crate::fsm::State;
+use crate::registers::{Bit, Controls};
+
+/// A command on `MARTA/cmd/<verb>`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MartaCommand {
+    /// Start the chiller stage.
+    StartChiller,
+    /// Start the CO2 loop (the chiller must be running).
+    StartCo2,
+    /// Stop the CO2 loop.
+    StopCo2,
+    /// Stop the chiller stage (the CO2 loop must be stopped).
+    StopChiller,
+    /// Flow control on or off.
+    SetFlowActive(bool),
+    /// CO2 temperature set-point, degC.
+    SetTemperature(f64),
+    /// Pump speed set-point, rpm.
+    SetSpeed(f64),
+    /// Flow set-point, g/s.
+    SetFlow(f64),
+    /// Clear the start bits, then pulse the alarm reset.
+    ClearAlarms,
+    /// Close the connection and connect again.
+    Reconnect,
+    /// Poll and publish now.
+    Refresh,
+}
+
+impl Command for MartaCommand {
+    fn parse(path: &[&str], payload: &[u8]) -> Result<Self, CommandError> {
+        let none = |c: MartaCommand| command::expect_empty(payload).map(|_| c);
+        match path {
+            ["start_chiller"] => none(MartaCommand::StartChiller),
+            ["start_co2"] => none(MartaCommand::StartCo2),
+            ["stop_co2"] => none(MartaCommand::StopCo2),
+            ["stop_chiller"] => none(MartaCommand::StopChiller),
+            ["clear_alarms"] => none(MartaCommand::ClearAlarms),
+            ["reconnect"] => none(MartaCommand::Reconnect),
+            ["refresh"] => none(MartaCommand::Refresh),
+            ["set_flow_active"] => match command::text(payload)?.trim() {
+                "1" | "true" | "on" => Ok(MartaCommand::SetFlowActive(true)),
+                "0" | "false" | "off" => Ok(MartaCommand::SetFlowActive(false)),
+                other => Err(CommandError::new(format!(
+                    "payload must be 0 or 1, got `{}`",
+                    command::truncate(other, 40)
+                ))),
+            },
+            ["set_temperature_setpoint"] => command::number(payload).map(MartaCommand::SetTemperature),
+            ["set_speed_setpoint"] => command::number(payload).map(MartaCommand::SetSpeed),
+            ["set_flow_setpoint"] => command::number(payload).map(MartaCommand::SetFlow),
+            _ => Err(CommandError::new(format!(
+                "unknown command `{}`: use start_chiller, start_co2, stop_co2, stop_chiller, set_flow_active, set_temperature_setpoint, set_speed_setpoint, set_flow_setpoint, clear_alarms, reconnect, refresh",
+                command::truncate(&path.join("/"), 40)
+            ))),
+        }
+    }
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Op {
+    /// Read the control word `register`, set the bits of `set`, clear those of
+    /// `clear`, write it whole, read it back.
+    Bits {
+        /// The control word.
+        register: u16,
+        /// Bits to set.
+        set: u16,
+        /// Bits to clear.
+        clear: u16,
+    },
+    /// Write a float32 set-point and read it back.
+    Float {
+        /// First register.
+        register: u16,
+        /// Value.
+        value: f32,
+    },
+    /// Let the PLC see the previous write in one of its scans.
+    Pause(Duration),
+}
+
+fn bits(b: Bit, on: bool) -> Op {
+    Op::Bits {
+        register: b.register,
+        set: if on { b.mask() } else { 0 },
+        clear: if on { 0 } else { b.mask() },
+    }
+}
+
+/// What the plan is checked against: the latest poll.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Snapshot {
+    /// The state.
+    pub state: State,
+    /// The chiller start bit.
+    pub chiller_bit: bool,
+    /// The CO2 start bit.
+    pub co2_bit: bool,
+}
+
+/// What a command does: its writes, or why it is refused (nothing is written then).
+/// `Refresh` and `Reconnect` have no writes; the service carries them out itself.
+pub fn plan(
+    cmd: MartaCommand,
+    now: Snapshot,
+    controls: &Controls,
+    limits: &Limits,
+    reset_pulse: Duration,
+) -> Result<Vec<Op>, String> {
+    use MartaCommand as C;
+    if matches!(cmd, C::Refresh | C::Reconnect) {
+        return Ok(Vec::new());
+    }
+    if matches!(now.state, State::Init | State::Disconnected) {
+        return Err(format!(
+            "MARTA is {}: nothing can be written until it answers",
+            now.state.as_str()
+        ));
+    }
+    let alarm = now.state == State::Alarm;
+    let range = |what: &str, v: f64, [lo, hi]: [f64; 2], unit: &str| {
+        if (lo..=hi).contains(&v) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what} {} {unit} is outside {} .. {} {unit}",
+                show_number(v),
+                show_number(lo),
+                show_number(hi)
+            ))
+        }
+    };
+    Ok(match cmd {
+        C::StartChiller => {
+            if alarm {
+                return Err("MARTA is in ALARM: clear_alarms first".into());
+            }
+            vec![bits(controls.start_chiller, true)]
+        }
+        C::StartCo2 => {
+            if alarm {
+                return Err("MARTA is in ALARM: clear_alarms first".into());
+            }
+            if !now.chiller_bit || !matches!(now.state, State::ChillerRunning | State::Co2Running) {
+                return Err(format!(
+                    "start_chiller first: CO2 starts only with the chiller running (state {})",
+                    now.state.as_str()
+                ));
+            }
+            vec![bits(controls.start_co2, true)]
+        }
+        C::StopCo2 => vec![bits(controls.start_co2, false)],
+        C::StopChiller => {
+            if now.co2_bit {
+                return Err(
+                    "stop_co2 first: the chiller stops only with the CO2 loop stopped".into(),
+                );
+            }
+            vec![bits(controls.start_chiller, false)]
+        }
+        C::SetFlowActive(on) => vec![bits(controls.flow_active, on)],
+        C::SetTemperature(v) => {
+            range("temperature set-point", v, limits.temperature, "degC")?;
+            vec![Op::Float {
+                register: controls.temperature_setpoint,
+                value: v as f32,
+            }]
+        }
+        C::SetSpeed(v) => {
+            range("speed set-point", v, limits.speed, "rpm")?;
+            vec![Op::Float {
+                register: controls.speed_setpoint,
+                value: v as f32,
+            }]
+        }
+        C::SetFlow(v) => {
+            range("flow set-point", v, limits.flow, "g/s")?;
+            vec![Op::Float {
+                register: controls.flow_setpoint,
+                value: v as f32,
+            }]
+        }
+        C::ClearAlarms => {
+            // Start bits first, so that nothing restarts by itself once the alarm is
+            // reset; then the reset bit, set and cleared again.
+            let mut ops: Vec<Op> = Vec::new();
+            for b in [controls.start_co2, controls.start_chiller] {
+                match ops
+                    .iter_mut()
+                    .find(|o| matches!(o, Op::Bits { register, .. } if *register == b.register))
+                {
+                    Some(Op::Bits { clear, .. }) => *clear |= b.mask(),
+                    _ => ops.push(bits(b, false)),
+                }
+            }
+            ops.push(bits(controls.alarm_reset, true));
+            ops.push(Op::Pause(reset_pulse));
+            ops.push(bits(controls.alarm_reset, false));
+            ops
+        }
+        C::Refresh | C::Reconnect => Vec::new(),
+    })
+}
+
+/// The word to write for `Op::Bits` over what was read.
+pub fn apply_bits(read: u16, set: u16, clear: u16) -> u16 {
+    (read & !clear) | set
+}
+
+/// Whether a read-back confirms `Op::Bits`: the touched bits as asked (the PLC may
+/// change others, e.g. clear a start bit on a trip, between the write and the read).
+pub fn bits_confirmed(read_back: u16, set: u16, clear: u16) -> bool {
+    read_back & (set | clear) == set
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controls() -> Controls {
+        let b = |bit| Bit { register: 305, bit };
+        Controls {
+            start_chiller: b(0),
+            start_co2: b(1),
+            flow_active: b(2),
+            alarm_reset: b(3),
+            temperature_setpoint: 310,
+            speed_setpoint: 312,
+            flow_setpoint: 314,
+        }
+    }
+
+    fn snap(state: State, chiller_bit: bool, co2_bit: bool) -> Snapshot {
+        Snapshot {
+            state,
+            chiller_bit,
+            co2_bit,
+        }
+    }
+
+    fn p(cmd: MartaCommand, s: Snapshot) -> Result<Vec<Op>, String> {
+        plan(
+            cmd,
+            s,
+            &controls(),
+            &Limits::default(),
+            Duration::from_millis(500),
+        )
+    }
+
+    fn parse(verb: &str, payload: &str) -> Result<MartaCommand, CommandError> {
+        MartaCommand::parse(&[verb], payload.as_bytes())
+    }
+
+    #[test]
+    fn parsing() {
+        assert_eq!(parse("start_co2", ""), Ok(MartaCommand::StartCo2));
+        assert_eq!(
+            parse("set_flow_active", "1"),
+            Ok(MartaCommand::SetFlowActive(true))
+        );
+        assert_eq!(
+            parse("set_flow_active", "0"),
+            Ok(MartaCommand::SetFlowActive(false))
+        );
+        assert_eq!(
+            parse("set_temperature_setpoint", "-30.5"),
+            Ok(MartaCommand::SetTemperature(-30.5))
+        );
+        assert!(parse("set_flow_active", "2")
+            .unwrap_err()
+            .0
+            .contains("0 or 1"));
+        assert!(parse("set_speed_setpoint", "fast")
+            .unwrap_err()
+            .0
+            .contains("must be a number"));
+        assert!(parse("set_flow_setpoint", "NaN")
+            .unwrap_err()
+            .0
+            .contains("must be a number"));
+        assert!(parse("start_chiller", "now")
+            .unwrap_err()
+            .0
+            .contains("no payload"));
+        assert!(parse("explode", "")
+            .unwrap_err()
+            .0
+            .contains("unknown command `explode`"));
+    }
+
+    #[test]
+    fn starts_and_stops_follow_the_plant() {
+        let idle = snap(State::Connected, false, false);
+        let chiller = snap(State::ChillerRunning, true, false);
+        let co2 = snap(State::Co2Running, true, true);
+        let alarm = snap(State::Alarm, true, true);
+        let set = |bit: u8| {
+            Ok(vec![Op::Bits {
+                register: 305,
+                set: 1 << bit,
+                clear: 0,
+            }])
+        };
+        let clear = |bit: u8| {
+            Ok(vec![Op::Bits {
+                register: 305,
+                set: 0,
+                clear: 1 << bit,
+            }])
+        };
+        assert_eq!(p(MartaCommand::StartChiller, idle), set(0));
+        assert!(p(MartaCommand::StartCo2, idle)
+            .unwrap_err()
+            .contains("start_chiller first"));
+        assert_eq!(p(MartaCommand::StartCo2, chiller), set(1));
+        assert!(p(MartaCommand::StopChiller, co2)
+            .unwrap_err()
+            .contains("stop_co2 first"));
+        assert_eq!(p(MartaCommand::StopCo2, co2), clear(1));
+        assert_eq!(p(MartaCommand::StopChiller, chiller), clear(0));
+        // In ALARM: nothing starts; stopping is always allowed.
+        assert!(p(MartaCommand::StartChiller, alarm)
+            .unwrap_err()
+            .contains("clear_alarms first"));
+        assert!(p(MartaCommand::StartCo2, alarm)
+            .unwrap_err()
+            .contains("clear_alarms first"));
+        assert_eq!(p(MartaCommand::StopCo2, alarm), clear(1));
+        // Not connected: nothing is written.
+        for s in [State::Init, State::Disconnected] {
+            assert!(p(MartaCommand::StopCo2, snap(s, false, false))
+                .unwrap_err()
+                .contains("nothing can be written"));
+        }
+        assert_eq!(
+            p(
+                MartaCommand::Refresh,
+                snap(State::Disconnected, false, false)
+            ),
+            Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn setpoints_are_range_checked() {
+        let s = snap(State::Co2Running, true, true);
+        assert_eq!(
+            p(MartaCommand::SetTemperature(-35.0), s),
+            Ok(vec![Op::Float {
+                register: 310,
+                value: -35.0
+            }])
+        );
+        let e = p(MartaCommand::SetTemperature(-40.0), s).unwrap_err();
+        assert_eq!(
+            e,
+            "temperature set-point -40 degC is outside -35 .. 25 degC"
+        );
+        assert!(p(MartaCommand::SetSpeed(6000.5), s)
+            .unwrap_err()
+            .contains("0 .. 6000 rpm"));
+        assert!(p(MartaCommand::SetFlow(-0.1), s)
+            .unwrap_err()
+            .contains("0 .. 5 g/s"));
+        assert_eq!(
+            p(MartaCommand::SetFlow(2.5), s),
+            Ok(vec![Op::Float {
+                register: 314,
+                value: 2.5
+            }])
+        );
+        // A safe set-point can be set during an alarm (the interlock does).
+        assert!(p(
+            MartaCommand::SetTemperature(20.0),
+            snap(State::Alarm, false, false)
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn clear_alarms_clears_the_start_bits_before_the_reset_pulse() {
+        let ops = p(MartaCommand::ClearAlarms, snap(State::Alarm, true, true)).unwrap();
+        assert_eq!(
+            ops,
+            vec![
+                Op::Bits {
+                    register: 305,
+                    set: 0,
+                    clear: 0b11
+                },
+                Op::Bits {
+                    register: 305,
+                    set: 0b1000,
+                    clear: 0
+                },
+                Op::Pause(Duration::from_millis(500)),
+                Op::Bits {
+                    register: 305,
+                    set: 0,
+                    clear: 0b1000
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn read_modify_write_keeps_other_bits() {
+        // Flow active (bit 2) survives starting CO2.
+        assert_eq!(apply_bits(0b0101, 0b0010, 0), 0b0111);
+        assert_eq!(apply_bits(0b0111, 0, 0b0011), 0b0100);
+        assert!(bits_confirmed(0b0111, 0b0010, 0));
+        assert!(!bits_confirmed(0b0101, 0b0010, 0));
+        // The PLC dropped another bit meanwhile: still confirmed.
+        assert!(bits_confirmed(0b0010, 0b0010, 0));
+        assert!(bits_confirmed(0b0100, 0, 0b0011));
+        assert!(!bits_confirmed(0b0101, 0, 0b0011));
+    }
+}
