@@ -513,6 +513,23 @@ impl Observer {
         self.pending.retain(|g| g.topic != topic);
     }
 
+    /// Sends `<service>/cmd/<verb>` and returns its reply from `<service>/reply`
+    /// (SPEC 3.4: matched by the command topic); panics when none comes in `within`.
+    pub async fn command(
+        &mut self,
+        service: &str,
+        verb: &str,
+        payload: &str,
+        within: Duration,
+    ) -> serde_json::Value {
+        let topic = format!("{service}/cmd/{verb}");
+        self.publish(&topic, payload.to_string()).await;
+        self.wait_json(&format!("{service}/reply"), within, &topic, |r| {
+            r["topic"] == topic.as_str()
+        })
+        .await
+    }
+
     /// Publishes at QoS 1.
     pub async fn publish(&self, topic: &str, payload: impl Into<Bytes>) {
         self.client

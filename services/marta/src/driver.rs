@@ -85,7 +85,8 @@ impl Driver {
     /// Connects if needed and allowed by the backoff, then reads everything. `false`
     /// when the plant could not be read (its state says why).
     pub async fn poll(&mut self) -> bool {
-        if !self.transport.is_connected() {
+        let reused = self.transport.is_connected();
+        if !reused {
             if Instant::now() < self.next_connect {
                 return false;
             }
@@ -95,16 +96,23 @@ impl Driver {
             }
         }
         let at = UtcNanos::now();
-        let mut image = Image::default();
-        for span in self.plant.map().spans.clone() {
-            match self.transport.read(span).await {
-                Ok(words) => image.fill(span, &words),
-                Err(e) => {
-                    self.lost(&e);
-                    return false;
-                }
-            }
+        let mut read = self.read_all().await;
+        // A connection the PLC (or a gateway) closed while idle is only found out by
+        // using it: one fresh connection before calling the plant lost.
+        if reused && matches!(read, Err(TransportError::Io { .. })) {
+            tracing::debug!(peer = %self.transport.peer(), "connection closed while idle: connecting again");
+            read = match self.transport.connect().await {
+                Ok(()) => self.read_all().await,
+                Err(e) => Err(e),
+            };
         }
+        let image = match read {
+            Ok(image) => image,
+            Err(e) => {
+                self.lost(&e);
+                return false;
+            }
+        };
         let was = self.plant.state();
         self.plant.polled(image, at);
         self.backoff.reset();
@@ -121,9 +129,19 @@ impl Driver {
         true
     }
 
-    /// Carries out `cmd`; `Err` says why it was refused or failed. Writes are read
-    /// back; the plant is polled again afterwards so the reply and the status show
-    /// the result.
+    async fn read_all(&mut self) -> Result<Image, TransportError> {
+        let mut image = Image::default();
+        for span in self.plant.map().spans.clone() {
+            let words = self.transport.read(span).await?;
+            image.fill(span, &words);
+        }
+        Ok(image)
+    }
+
+    /// Carries out `cmd`; `Err` says why it was refused or failed. The plant is read
+    /// first (a command is checked against the plant as it is now, not as the last
+    /// poll saw it), writes are read back, and the plant is read again afterwards so
+    /// the reply and the status show the result.
     pub async fn execute(&mut self, cmd: MartaCommand) -> Result<(), String> {
         match cmd {
             MartaCommand::Refresh => {
@@ -150,13 +168,18 @@ impl Driver {
             }
             _ => {}
         }
+        self.poll().await;
         let ops = commands::plan(
             cmd,
             self.plant.snapshot(),
             &self.plant.map().controls,
             &self.cfg.limits,
             Duration::from_millis(self.cfg.timing.reset_pulse_ms),
-        )?;
+        )
+        .map_err(|refusal| match self.plant.error() {
+            Some(why) if self.plant.state() == State::Disconnected => format!("{refusal} ({why})"),
+            _ => refusal,
+        })?;
         let result = self.carry_out(&ops).await;
         if let Err(e) = &result {
             tracing::warn!(command = ?cmd, error = %e, "MARTA command failed");
