@@ -190,6 +190,7 @@ class Stack:
         cfg.mkdir()
         self.mqtt_port = free_port()
         sim_port, ctl_port, ca_port, beacon_port, ph2_port = (free_port() for _ in range(5))
+        self.marta_port, self.marta_control = free_port(), free_port()
 
         def copy(name: str, *replacements: tuple[str, str]) -> None:
             text = (DEPLOY / name).read_text()
@@ -204,6 +205,11 @@ class Stack:
         copy("caen.yaml", ("port: 15064", f"port: {ca_port}"))
         copy("ph2acf.yaml", ("127.0.0.1:5000", f"{HOST}:{ph2_port}"))
         copy("ph2acf-sim.yaml", ("127.0.0.1:5000", f"{HOST}:{ph2_port}"), ("run_secs: 20", "run_secs: 3"))
+        copy("marta-sim.yaml", ("127.0.0.1:5502", f"{HOST}:{self.marta_port}"),
+             ("127.0.0.1:5503", f"{HOST}:{self.marta_control}"))
+        copy("marta.yaml")
+        (cfg / "marta").mkdir()
+        shutil.copy(DEPLOY / "marta/registers.yaml", cfg / "marta/registers.yaml")
         for name in ["telemetry.yaml", "interlock.yaml", "env-sim.yaml"]:
             copy(name)
         (cfg / "ph2acf").mkdir()
@@ -219,6 +225,7 @@ class Stack:
         env = dict(os.environ)
         env.update({
             "JULABO_PORT": f"tcp://{HOST}:{sim_port}",
+            "MARTA_PORT": str(self.marta_port),
             "CAEN_CA_ADDR_LIST": f"{HOST}:{ca_port}",
             "EPICS_CAS_BEACON_PORT": str(beacon_port),
             "EPICS_CA_REPEATER_PORT": str(beacon_port),

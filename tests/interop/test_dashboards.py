@@ -279,7 +279,8 @@ def test_published_payloads_match_the_asyncapi_contract(stack):
     bad = [("dcs/cmd/switch/hv", "maybe"), ("julabo/cmd/setWT", '{"setpoint": 9, "temp": 1}'),
            ("ph2acf/cmd/run", '{"calibration": "rm -rf /"}')]
     good = [("dcs/cmd/refresh", ""), ("julabo/cmd/refresh", ""), ("ph2acf/cmd/refresh", ""),
-            ("interlock/cmd/refresh", ""), ("alarms/cmd/ack", "all"), ("dcs-launcher/cmd/refresh", "")]
+            ("interlock/cmd/refresh", ""), ("alarms/cmd/ack", "all"), ("dcs-launcher/cmd/refresh", ""),
+            ("MARTA/cmd/refresh", ""), ("MARTA/cmd/set_flow_active", "1")]
     for topic, payload in bad + good:
         obs.publish(topic, payload)
     unchecked = {(t, p.encode()) for t, p in bad}
@@ -323,7 +324,7 @@ def test_published_payloads_match_the_asyncapi_contract(stack):
     must = ["dcs/status", "dcs/channels", "dcs/reply", "julabo/status", "julabo/reply",
             "ph2acf/status", "ph2acf/reply", "telemetry/stats", "interlock/status",
             "interlock/permits", "alarms/summary", "alarms/reply", "dcs-launcher/status",
-            "ESP01/sensors/BME/temp", "dcs/online"]
+            "ESP01/sensors/BME/temp", "dcs/online", "MARTA/status", "MARTA/alarms", "MARTA/reply"]
     missing = [t for t in must if not any(c[0].match(t) and c[1] in seen for c in channels)]
     assert not missing, f"never captured: {missing}"
 
@@ -375,9 +376,10 @@ def test_grafana_provisioning_is_well_formed():
         for ref in re.findall(r'"datasource":\s*\{[^}]*"uid":\s*"([^"]+)"', text):
             assert ref in ("dcs-influxdb", "-- Grafana --", "grafana"), f"{f.name}: unknown datasource {ref}"
     names = {f.name for f in (GRAFANA / "dashboards").glob("*.json")}
-    assert {"module-channels.json", "chiller.json", "environment.json", "forwarder-health.json"} <= names
+    assert {"module-channels.json", "chiller.json", "environment.json", "forwarder-health.json",
+            "marta.json"} <= names
     # Calibration runs are annotations on the dashboards of the lab's state.
-    for f in ["module-channels.json", "chiller.json", "environment.json"]:
+    for f in ["module-channels.json", "chiller.json", "environment.json", "marta.json"]:
         ann = json.loads((GRAFANA / "dashboards" / f).read_text())["annotations"]["list"]
         assert any("calibration_runs" in json.dumps(a) for a in ann), f"{f}: no calibration_runs annotation"
 
@@ -390,7 +392,7 @@ def test_grafana_queries_name_what_influxdb_really_holds(stack):
         obs.publish("ph2acf/cmd/run", json.dumps({
             "calibration": "pedenoise", "config": "PS_module",
             "modules": ["PS_26_05-IBA_00002"], "operator": "grafana_test"}))
-    wanted = {"channels", "dcs_status", "chiller", "sensors", "telemetry_stats", "calibration_runs"}
+    wanted = {"channels", "dcs_status", "chiller", "sensors", "telemetry_stats", "calibration_runs", "marta"}
 
     def present():
         got = {row[0] for s in influx.query("SHOW MEASUREMENTS") for row in s.get("values", [])}
