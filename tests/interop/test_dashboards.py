@@ -164,6 +164,20 @@ def test_panel_drives_the_simulated_lab(stack, node_red, page):
     assert done["last_run"]["run_id"] == status["run_id"]
     assert done["last_run"]["status"] == "done", done
 
+    # MARTA: CO2 refused before the chiller; chiller, a set-point through the form, CO2.
+    t0 = time.monotonic()
+    click(page, "Start CO2")
+    wait_panel(page, "REFUSED MARTA/cmd/start_co2", log)
+    click(page, "Start chiller")
+    obs.wait_json("MARTA/status", lambda s: s["fsm_state"] == "CHILLER_RUNNING", WAIT, since=t0, log=stack.log)
+    page.get_by_label("CO2 set-point, degC").fill("-20")
+    click(page, "Set MARTA set-points")
+    obs.wait_json("MARTA/status", lambda s: s.get("temperature_setpoint") == -20.0, WAIT, since=t0, log=stack.log)
+    click(page, "Start CO2")
+    obs.wait_json("MARTA/status", lambda s: s["fsm_state"] == "CO2_RUNNING", WAIT, since=t0, log=stack.log)
+    wait_panel(page, "CO2_RUNNING", log)
+    wait_panel(page, "OK MARTA/cmd/start_co2", log)
+
     # Every service is listed as online in the services table.
     def rows():
         return [r.split() for r in page.locator("tr").all_inner_texts()]
@@ -172,7 +186,7 @@ def test_panel_drives_the_simulated_lab(stack, node_red, page):
     wait_until("channel rows on the panel", lambda: any(r[:3] == ["1", "module_1", "LV_ON"] for r in rows())
                and any(r[:2] == ["3", "LV_OFF"] for r in rows()), WAIT, log=lambda: str(rows()))
 
-    services = ["dcs", "julabo", "interlock", "telemetry", "ph2acf", "env-sim", "dcs-launcher"]
+    services = ["dcs", "julabo", "MARTA", "interlock", "telemetry", "ph2acf", "env-sim", "dcs-launcher"]
     wait_until("every service online on the panel",
                lambda: all([svc, "online"] in rows() for svc in services), WAIT,
                log=lambda: str(rows()))
