@@ -31,7 +31,8 @@ entry() {
 case "${1:-}" in
   "")
     header tracker-dcs-config "from deploy/*.yaml"
-    for f in pod/broker.yaml caen.yaml julabo.yaml julabo-sim.yaml telemetry.yaml interlock.yaml env-sim.yaml; do
+    for f in pod/broker.yaml caen.yaml julabo.yaml julabo-sim.yaml marta.yaml marta-sim.yaml marta-registers.yaml \
+             telemetry.yaml interlock.yaml env-sim.yaml; do
       entry "$(basename "$f")" "$deploy/$f"
     done
     ;;

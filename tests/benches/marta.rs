@@ -41,7 +41,7 @@ for _ in range(int(sys.argv[4])):
 "#;
     let out = Command::new(repo_root().join(".venv/bin/python"))
         .args(["-c", script])
-        .arg(repo_root().join("deploy/marta/registers.yaml"))
+        .arg(repo_root().join("deploy/marta-registers.yaml"))
         .arg(port.to_string())
         .arg(if per_reading { "1" } else { "0" })
         .arg(ROUNDS.to_string())
@@ -70,7 +70,7 @@ fn config(dir: &Path, port: u16, broker: Option<&Broker>) -> std::path::PathBuf 
         &cfg,
         format!(
             "register_map: {}\nconnection: {{host: 127.0.0.1, port: {port}}}\n{mqtt}",
-            repo_root().join("deploy/marta/registers.yaml").display()
+            repo_root().join("deploy/marta-registers.yaml").display()
         ),
     )
     .unwrap();
@@ -86,7 +86,7 @@ async fn main() {
         &sim_cfg,
         format!(
             "tcp: 127.0.0.1:{port}\ncontrol: 127.0.0.1:{control}\nregister_map: {}\n",
-            repo_root().join("deploy/marta/registers.yaml").display()
+            repo_root().join("deploy/marta-registers.yaml").display()
         ),
     )
     .unwrap();
@@ -98,7 +98,7 @@ async fn main() {
     let file = config(dir.path(), port, None);
     let mut cfg: marta::MartaConfig =
         dcs_shared::config::from_str(&std::fs::read_to_string(&file).unwrap(), &file).unwrap();
-    cfg.map = Some(marta::load_map(&repo_root().join("deploy/marta/registers.yaml")).unwrap());
+    cfg.map = Some(marta::load_map(&repo_root().join("deploy/marta-registers.yaml")).unwrap());
     let spans = cfg.map.as_ref().unwrap().spans.len();
     let mut driver = marta::driver::Driver::new(cfg).unwrap();
     assert!(driver.poll().await, "marta-sim does not answer");

@@ -208,8 +208,7 @@ class Stack:
         copy("marta-sim.yaml", ("127.0.0.1:5502", f"{HOST}:{self.marta_port}"),
              ("127.0.0.1:5503", f"{HOST}:{self.marta_control}"))
         copy("marta.yaml")
-        (cfg / "marta").mkdir()
-        shutil.copy(DEPLOY / "marta/registers.yaml", cfg / "marta/registers.yaml")
+        copy("marta-registers.yaml")
         for name in ["telemetry.yaml", "interlock.yaml", "env-sim.yaml"]:
             copy(name)
         (cfg / "ph2acf").mkdir()

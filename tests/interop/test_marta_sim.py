@@ -21,7 +21,7 @@ from pymodbus.client import ModbusTcpClient
 from conftest import BIN_DIR, HOST, REPO_ROOT, free_port
 
 SIM_BIN = BIN_DIR / "marta-sim"
-MAP = REPO_ROOT / "deploy" / "marta" / "registers.yaml"
+MAP = REPO_ROOT / "deploy" / "marta-registers.yaml"
 START_TIMEOUT = 15.0
 
 

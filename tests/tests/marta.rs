@@ -17,7 +17,7 @@ use tokio_modbus::client::Reader;
 const WAIT: Duration = Duration::from_secs(30);
 
 fn map_file() -> PathBuf {
-    repo_root().join("deploy/marta/registers.yaml")
+    repo_root().join("deploy/marta-registers.yaml")
 }
 
 /// pymodbus's server with the map's registers (see marta_plc.py for its values).
@@ -307,4 +307,177 @@ async fn plant_alarm_clear_alarms_and_restart_on_marta_sim() {
     ok(&mut obs, "start_chiller", "").await;
     ok(&mut obs, "start_co2", "").await;
     status_where(&mut obs, "CO2 running again", |s| s["co2_running"] == true).await;
+}
+
+/// The full flow under `dcs up --simulate` with MARTA as the interlock's cooling source
+/// (the shipped caen, marta and marta-sim configs, ports moved): LV refused until the
+/// CO2 loop runs; start the chiller and CO2, reach -30 degC, LV and HV on; a plant
+/// alarm: state ALARM with its text, the interlock switches HV then LV off; clear the
+/// alarms, restart, acknowledge: LV allowed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_simulate_with_marta_as_the_cooling_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let deploy = repo_root().join("deploy");
+    let (p4, mb, mctl, ca, beacon) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
+    let copy = |name: &str, from: &[(&str, String)]| {
+        let mut text = std::fs::read_to_string(deploy.join(name)).unwrap();
+        for (old, new) in from {
+            assert!(text.contains(old), "deploy/{name} no longer has `{old}`");
+            text = text.replace(old, new);
+        }
+        std::fs::write(d.join(name), text).unwrap();
+    };
+    copy("caen.yaml", &[("port: 15064", format!("port: {ca}"))]);
+    copy(
+        "marta-sim.yaml",
+        &[
+            ("127.0.0.1:5502", format!("127.0.0.1:{mb}")),
+            ("127.0.0.1:5503", format!("127.0.0.1:{mctl}")),
+            ("chiller_tau_secs: 10", "chiller_tau_secs: 1".into()),
+            ("co2_tau_secs: 20", "co2_tau_secs: 2".into()),
+        ],
+    );
+    copy("marta.yaml", &[]);
+    copy("marta-registers.yaml", &[]);
+    // A dry box: dew point about -37 degC, so -30 degC is safe with a 3 degC margin.
+    copy("env-sim.yaml", &[("humi: 40.0", "humi: 1.0".into())]);
+    std::fs::write(
+        d.join("interlock.yaml"),
+        "name: interlock\npermit_key_file: state/permit.key\n\
+         targets: {caen: dcs, chiller: julabo, marta: MARTA, max_age_secs: 30}\n\
+         inputs:\n  co2_running: {topic: MARTA/status, field: co2_running, max_age_secs: 30}\n  \
+         co2_coldest: {topic: MARTA/status, field: co2_coldest_temp, max_age_secs: 30}\n  \
+         dew: {topic: \"+/sensors/BME/dew\", max_age_secs: 30}\n\
+         rules:\n  dew_point: {kind: dew_point, cold: [co2_coldest], dew: [dew], margin: 3, hold_secs: 1,\n    \
+         actions: [{do: marta_setpoint, temp: 20}, {do: hv_off, after_secs: 60}, {do: lv_off, after_secs: 60}]}\n  \
+         cooling: {kind: cooling_required, running: co2_running, mode: switch_off, hold_secs: 1, confirm_timeout_secs: 60}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("dcs.yaml"),
+        format!(
+            "state_dir: state\n\
+             mqtt: {{url: mqtt://127.0.0.1:{p4}, username: alice, password_file: state/secret}}\n\
+             broker:\n  listeners: {{mqtt: 127.0.0.1:{p4}, mqtt5: null, websocket: null}}\n  \
+             auth: {{password_file: state/passwd}}\n  meters_interval_secs: 0\n\
+             services: {{caen-fsm: {{config: caen.yaml}}, marta: {{config: marta.yaml}}, interlock: {{config: interlock.yaml}}}}\n\
+             simulators: {{caen-sim: {{config: caen.yaml}}, marta-sim: {{config: marta-sim.yaml}}, env-sim: {{config: env-sim.yaml}}}}\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("dcs"));
+    cmd.args(["up", "--simulate", "--config"])
+        .arg(d.join("dcs.yaml"))
+        .env("MARTA_PORT", mb.to_string())
+        .env("CAEN_CA_ADDR_LIST", format!("127.0.0.1:{ca}"))
+        .env("EPICS_CAS_BEACON_PORT", beacon.to_string())
+        .env("EPICS_CA_REPEATER_PORT", beacon.to_string())
+        .env("DCS_STATE_DIR", d.join("state"))
+        .env_remove("DCS_INFLUX_URL");
+    let mut up = spawn_until(cmd, "dcs: up;", WAIT);
+    let secret = std::fs::read_to_string(d.join("state/secret")).unwrap();
+    let mut o = Observer::connect_as(
+        p4,
+        "t-flow",
+        "alice",
+        secret.trim(),
+        &[
+            "MARTA/#",
+            "dcs/status",
+            "dcs/reply",
+            "interlock/permits",
+            "alarms/#",
+        ],
+    )
+    .await;
+    status_where(&mut o, "CONNECTED", state("CONNECTED")).await;
+    o.wait_json("interlock/permits", WAIT, "LV refused", |p| {
+        p["lv_on"] == false && p.to_string().contains("cooling")
+    })
+    .await;
+    o.wait_json("dcs/status", WAIT, "LV_OFF", |s| s["fsm_state"] == "LV_OFF")
+        .await;
+    let r = o.command("dcs", "switch/lv", "on", WAIT).await;
+    assert_eq!(r["ok"], false, "LV on without CO2 cooling: {r}");
+
+    ok(&mut o, "set_temperature_setpoint", "-30").await;
+    ok(&mut o, "start_chiller", "").await;
+    ok(&mut o, "start_co2", "").await;
+    status_where(&mut o, "the loop at -30 degC", |s| {
+        s["co2_running"] == true && s["TT05_CO2"].as_f64().is_some_and(|t| t < -29.5)
+    })
+    .await;
+    o.wait_json("interlock/permits", WAIT, "LV allowed", |p| {
+        p["lv_on"] == true
+    })
+    .await;
+    let r = o.command("dcs", "switch/lv", "on", WAIT).await;
+    assert_eq!(r["ok"], true, "{r}");
+    o.wait_json("dcs/status", WAIT, "LV_ON", |s| s["fsm_state"] == "LV_ON")
+        .await;
+    let r = o.command("dcs", "switch/hv", "on", WAIT).await;
+    assert_eq!(r["ok"], true, "{r}");
+    o.wait_json("dcs/status", WAIT, "HV_ON", |s| s["fsm_state"] == "HV_ON")
+        .await;
+
+    // The plant trips: cooling is lost, HV then LV go off.
+    o.discard("dcs/status");
+    assert_eq!(ctl(mctl, "alarm TT04_CO2_HT_TS"), "ok");
+    status_where(&mut o, "ALARM", state("ALARM")).await;
+    let a = o
+        .wait_json("MARTA/alarms", WAIT, "the alarm text", |a| {
+            a["active"].as_array().is_some_and(|v| !v.is_empty())
+        })
+        .await;
+    assert_eq!(
+        a["active"][0]["meaning"],
+        "Accumulator heater temperature very high"
+    );
+    o.wait_json("dcs/status", WAIT, "the supply off", |s| {
+        s["fsm_state"] == "LV_OFF"
+    })
+    .await;
+    // HV first, confirmed, then LV (the system state may pass LV_ON within the FSM's
+    // 100 ms settling: the interlock's record says the order).
+    let alarm = o
+        .wait_json("alarms/cooling", WAIT, "both actions confirmed", |a| {
+            a["actions"].as_array().is_some_and(|v| {
+                v.len() == 2
+                    && v.iter()
+                        .all(|x| x["result"].as_str().unwrap_or("").starts_with("confirmed"))
+            })
+        })
+        .await;
+    assert_eq!(alarm["actions"][0]["do"], "hv_off");
+    assert_eq!(alarm["actions"][1]["do"], "lv_off");
+    let at = |i: usize| alarm["actions"][i]["at"].as_str().unwrap_or("").to_string();
+    assert!(at(0) <= at(1), "{alarm}");
+
+    // Cleared, restarted, acknowledged: LV allowed again.
+    ok(&mut o, "clear_alarms", "").await;
+    ok(&mut o, "start_chiller", "").await;
+    ok(&mut o, "start_co2", "").await;
+    status_where(&mut o, "CO2 running again", |s| s["co2_running"] == true).await;
+    let r = o
+        .command(
+            "alarms",
+            "ack",
+            r#"{"rule": "cooling", "operator": "t-flow"}"#,
+            WAIT,
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    o.wait_json("interlock/permits", WAIT, "LV allowed again", |p| {
+        p["lv_on"] == true
+    })
+    .await;
+    let status = up.terminate(Duration::from_secs(15)).expect("dcs up stops");
+    assert!(status.success(), "{status}");
 }

@@ -155,6 +155,7 @@ async fn simulated_pod_plays_answers_over_mqtt_stops_cleanly_and_its_volume_rest
     let s = wait(&mut obs, "dcs/status", |v| v["fsm_state"] == "LV_OFF").await;
     assert_eq!(s["fsm_state"], "LV_OFF");
     wait(&mut obs, "julabo/status", |v| v["fsm_state"] == "OFF").await;
+    wait(&mut obs, "MARTA/status", |v| v["fsm_state"] == "CONNECTED").await;
     wait(&mut obs, "interlock/status", |v| v["state"] == "OK").await;
     // A command and its effect in the next status.
     obs.publish("julabo/cmd/start", "").await;
@@ -188,7 +189,7 @@ async fn simulated_pod_plays_answers_over_mqtt_stops_cleanly_and_its_volume_rest
         "podman ps",
     );
     let containers: Vec<&str> = codes.lines().filter(|l| !l.contains("-infra ")).collect();
-    assert_eq!(containers.len(), 8, "{codes}");
+    assert_eq!(containers.len(), 10, "{codes}");
     for c in &containers {
         assert!(
             c.ends_with(" 0"),
@@ -249,6 +250,7 @@ async fn connect(port: u16, password: &str) -> Observer {
                 &[
                     "dcs/status",
                     "julabo/#",
+                    "MARTA/status",
                     "interlock/status",
                     "telemetry/stats",
                 ],

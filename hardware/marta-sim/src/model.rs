@@ -409,7 +409,7 @@ mod tests {
     use super::*;
 
     fn model() -> Model {
-        let text = include_str!("../../../deploy/marta/registers.yaml");
+        let text = include_str!("../../../deploy/marta-registers.yaml");
         let map = serde_yaml::from_str::<marta::registers::MapFile>(text)
             .unwrap()
             .check()

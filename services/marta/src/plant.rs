@@ -292,7 +292,7 @@ mod tests {
     use crate::registers::{encode_f32, MapFile, Span, WordOrder};
 
     fn plant() -> Plant {
-        let text = include_str!("../../../deploy/marta/registers.yaml");
+        let text = include_str!("../../../deploy/marta-registers.yaml");
         let map = serde_yaml::from_str::<MapFile>(text)
             .unwrap()
             .check()

@@ -1,4 +1,4 @@
-//! The MARTA register map (SPEC 10; `deploy/marta/registers.yaml`, the format of
+//! The MARTA register map (SPEC 10; `deploy/marta-registers.yaml`, the format of
 //! `marta/registers.yaml` beside the SPEC) and everything about registers that needs no
 //! I/O: which spans one poll reads, how a float32 sits in two registers, what the
 //! alarm words and the control word say. The simulator uses the same map.
@@ -500,7 +500,7 @@ mod tests {
     use super::*;
 
     fn shared_map() -> RegisterMap {
-        let text = include_str!("../../../deploy/marta/registers.yaml");
+        let text = include_str!("../../../deploy/marta-registers.yaml");
         serde_yaml::from_str::<MapFile>(text)
             .unwrap()
             .check()
@@ -656,7 +656,7 @@ mod tests {
 
     #[test]
     fn broken_maps_name_the_key() {
-        let base = include_str!("../../../deploy/marta/registers.yaml");
+        let base = include_str!("../../../deploy/marta-registers.yaml");
         let check = |text: &str| {
             serde_yaml::from_str::<MapFile>(text)
                 .unwrap()
