@@ -427,4 +427,106 @@ mod tests {
         assert!(bits_confirmed(0b0100, 0, 0b0011));
         assert!(!bits_confirmed(0b0101, 0, 0b0011));
     }
+
+    mod properties {
+        //! No sequence of commands and plant events makes the driver write an unsafe
+        //! control word: the CO2 start bit never set without the chiller's, no start
+        //! while the plant is in ALARM, the reset bit never left set, no set-point
+        //! outside the limits, nothing written while the plant does not answer.
+        use super::*;
+        use crate::fsm;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Command(MartaCommand),
+            /// The PLC's status word changes (0..3, or nonsense).
+            Status(u16),
+            /// A trip: the PLC (or a front panel) clears start bits of its own.
+            PlcClears(u16),
+            /// The connection comes and goes.
+            Link(bool),
+        }
+
+        fn command() -> impl Strategy<Value = MartaCommand> {
+            use MartaCommand as C;
+            prop_oneof![
+                Just(C::StartChiller),
+                Just(C::StartCo2),
+                Just(C::StopCo2),
+                Just(C::StopChiller),
+                Just(C::ClearAlarms),
+                Just(C::Refresh),
+                Just(C::Reconnect),
+                any::<bool>().prop_map(C::SetFlowActive),
+                (-60.0..60.0f64).prop_map(C::SetTemperature),
+                (-100.0..7000.0f64).prop_map(C::SetSpeed),
+                (-1.0..7.0f64).prop_map(C::SetFlow),
+            ]
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                6 => command().prop_map(Step::Command),
+                2 => (0u16..6).prop_map(Step::Status),
+                1 => (0u16..16).prop_map(Step::PlcClears),
+                1 => any::<bool>().prop_map(Step::Link),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+            #[test]
+            fn no_sequence_writes_an_unsafe_control_word(steps in proptest::collection::vec(step(), 1..40)) {
+                let c = controls();
+                let limits = Limits::default();
+                let (chiller, co2, reset) = (c.start_chiller.mask(), c.start_co2.mask(), c.alarm_reset.mask());
+                let (mut word, mut status, mut connected) = (0u16, 1u16, true);
+                for s in steps {
+                    match s {
+                        Step::Status(v) => status = v,
+                        Step::PlcClears(m) => word &= !m,
+                        Step::Link(up) => connected = up,
+                        Step::Command(cmd) => {
+                            let (state, _) = fsm::state(status, word & chiller != 0, word & co2 != 0);
+                            let state = if connected { state } else { State::Disconnected };
+                            let snap = Snapshot { state, chiller_bit: word & chiller != 0, co2_bit: word & co2 != 0 };
+                            let Ok(ops) = plan(cmd, snap, &c, &limits, Duration::from_millis(1)) else { continue };
+                            prop_assert!(connected || ops.is_empty(), "{cmd:?} wrote while disconnected");
+                            for op in &ops {
+                                match *op {
+                                    Op::Bits { register, set, clear } => {
+                                        prop_assert_eq!(register, 305);
+                                        let before = word;
+                                        word = apply_bits(word, set, clear);
+                                        let started = word & !before & (chiller | co2) != 0;
+                                        prop_assert!(!(started && state == State::Alarm), "{cmd:?} started something in ALARM");
+                                        // A CO2 start bit the driver sets or keeps needs the chiller's.
+                                        prop_assert!(
+                                            word & co2 == 0 || word & chiller != 0 || before & co2 != 0 && before & chiller == 0,
+                                            "{cmd:?}: CO2 bit without the chiller's: {before:#b} -> {word:#b}"
+                                        );
+                                    }
+                                    Op::Float { register, value } => {
+                                        let [lo, hi] = match register {
+                                            310 => limits.temperature,
+                                            312 => limits.speed,
+                                            314 => limits.flow,
+                                            r => return Err(TestCaseError::fail(format!("write to {r}"))),
+                                        };
+                                        prop_assert!((lo..=hi).contains(&f64::from(value)), "{cmd:?} wrote {value}");
+                                    }
+                                    Op::Pause(_) => {}
+                                }
+                            }
+                            prop_assert_eq!(word & reset, 0, "{:?} left the reset bit set", cmd);
+                            if cmd == MartaCommand::ClearAlarms {
+                                prop_assert_eq!(word & (chiller | co2), 0);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
