@@ -39,9 +39,9 @@ pub trait Program: 'static {
     /// file is done by [`load`]).
     fn resolve_paths(_cfg: &mut Self::Config, _file: &Path) {}
 
-    /// Loads what the config names in files of its own (a register map, say), once
-    /// its paths are resolved; an error names that file, line and key.
-    fn load_files(_cfg: &mut Self::Config) -> Result<(), ConfigError> {
+    /// Loads what the config (from `file`) names in files of its own (a register map,
+    /// say), once its paths are resolved; an error names the file, line and key.
+    fn load_files(_cfg: &mut Self::Config, _file: &Path) -> Result<(), ConfigError> {
         Ok(())
     }
 
@@ -81,7 +81,7 @@ pub fn load<P: Program>(file: &Path) -> Result<P::Config, ConfigError> {
             m.password_file = Some(config::relative_to(file, &p));
         }
     }
-    P::load_files(&mut cfg)?;
+    P::load_files(&mut cfg, file)?;
     Ok(cfg)
 }
 

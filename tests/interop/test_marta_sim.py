@@ -127,7 +127,8 @@ def test_alarm_bits_and_reset(sim):
     assert read(client, eb["register"], 1)[0] & (1 << eb["bit"])
     assert read(client, 320, 1) == [3]
     assert ctl("emergency off") == "ok"
-    # The reset bit's rising edge clears it, once the start bits are cleared.
+    # Released, the latched bit stays until the reset bit's rising edge.
+    assert read(client, 320, 1) == [3]
     client.write_register(305, 0, slave=1)
     client.write_register(305, 0b1000, slave=1)
     client.write_register(305, 0, slave=1)

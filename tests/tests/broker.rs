@@ -402,6 +402,9 @@ async fn shipped_mosquitto_acl_keeps_each_account_to_its_topics() {
         (1, "julabo/status", true),
         (2, "interlock/permits", true),
         (2, "dcs/cmd/switch/hv", true),
+        // The interlock's MARTA actions.
+        (2, "MARTA/cmd/stop_co2", true),
+        (1, "MARTA/cmd/stop_co2", false),
     ];
     for (i, (c, topic, allowed)) in cases.into_iter().enumerate() {
         let who = ["operator", "julabo", "interlock"][c];

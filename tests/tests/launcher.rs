@@ -28,8 +28,8 @@ fn shipped_config_checks_ok() {
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains(
-            "OK (broker, caen-sim, env-sim, julabo-sim, ph2acf-sim, caen-fsm, interlock, julabo, \
-             ph2acf-bridge, telemetry)"
+            "OK (broker, caen-sim, env-sim, julabo-sim, marta-sim, ph2acf-sim, caen-fsm, interlock, \
+             julabo, marta, ph2acf-bridge, telemetry)"
         ),
         "{text}"
     );

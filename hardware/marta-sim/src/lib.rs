@@ -23,7 +23,10 @@ impl dcs_shared::program::Program for MartaSim {
     fn resolve_paths(cfg: &mut SimConfig, file: &std::path::Path) {
         cfg.register_map = dcs_shared::config::relative_to(file, &cfg.register_map);
     }
-    fn load_files(cfg: &mut SimConfig) -> Result<(), dcs_shared::ConfigError> {
+    fn load_files(
+        cfg: &mut SimConfig,
+        _file: &std::path::Path,
+    ) -> Result<(), dcs_shared::ConfigError> {
         cfg.map = Some(marta::load_map(&cfg.register_map)?);
         Ok(())
     }

@@ -382,6 +382,14 @@ impl Validate for InterlockConfig {
                 return invalid(key, "must be a service name (an MQTT topic level)");
             }
         }
+        if let Some(m) = &self.targets.marta {
+            if *m == self.targets.chiller || *m == self.targets.caen {
+                return invalid(
+                    "targets.marta",
+                    "must name a service of its own, not the chiller's or the CAEN FSM's",
+                );
+            }
+        }
         if !secs_ok(self.targets.max_age_secs, false) {
             return invalid("targets.max_age_secs", "must be > 0 and at most a year");
         }
@@ -699,6 +707,11 @@ rules:
                 ),
                 "rules.dew_point.actions[1].do",
                 "needs `targets.marta`",
+            ),
+            (
+                format!("targets: {{marta: julabo}}\n{GOOD}"),
+                "targets.marta",
+                "a service of its own",
             ),
             (
                 GOOD.replace(

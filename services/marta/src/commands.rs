@@ -6,7 +6,7 @@ use std::time::Duration;
 use dcs_shared::command::{self, show_number, Command, CommandError};
 
 use crate::config::Limits;
-use crate::fsm::State;
+use crate::fsm::{self, State};
 use crate::registers::{Bit, Controls};
 
 /// A command on `MARTA/cmd/<verb>`.
@@ -69,8 +69,10 @@ impl Command for MartaCommand {
 /// One step of a plan.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Op {
-    /// Read the control word `register`, set the bits of `set`, clear those of
-    /// `clear`, write it whole, read it back.
+    /// Read the control word `register`, check that the bits of `require` are set
+    /// (the plant may have changed since the plan: nothing is written otherwise), set
+    /// the bits of `set`, clear those of `clear`, write it whole, read it back: the
+    /// bits of `confirm` must read as asked.
     Bits {
         /// The control word.
         register: u16,
@@ -78,6 +80,10 @@ pub enum Op {
         set: u16,
         /// Bits to clear.
         clear: u16,
+        /// Bits that must be set when the word is read, before writing.
+        require: u16,
+        /// Bits whose read-back must be as asked (a PLC may clear a pulse bit itself).
+        confirm: u16,
     },
     /// Write a float32 set-point and read it back.
     Float {
@@ -95,10 +101,12 @@ fn bits(b: Bit, on: bool) -> Op {
         register: b.register,
         set: if on { b.mask() } else { 0 },
         clear: if on { 0 } else { b.mask() },
+        require: 0,
+        confirm: b.mask(),
     }
 }
 
-/// What the plan is checked against: the latest poll.
+/// What the plan is checked against: the plant read just before.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Snapshot {
     /// The state.
@@ -107,6 +115,8 @@ pub struct Snapshot {
     pub chiller_bit: bool,
     /// The CO2 start bit.
     pub co2_bit: bool,
+    /// The status word (`None` when not read).
+    pub status_word: Option<u16>,
 }
 
 /// What a command does: its writes, or why it is refused (nothing is written then).
@@ -129,6 +139,19 @@ pub fn plan(
         ));
     }
     let alarm = now.state == State::Alarm;
+    // A start bit is not a running stage: starts need the PLC ready (status 1 or 2).
+    let startable = || {
+        if alarm {
+            return Err("MARTA is in ALARM: clear_alarms first".to_string());
+        }
+        match now.status_word {
+            Some(fsm::status::READY | fsm::status::CO2_RUNNING) => Ok(()),
+            Some(w) => Err(format!(
+                "MARTA is not ready (status word {w}): nothing is started"
+            )),
+            None => Err("MARTA's status word is unknown: nothing is started".to_string()),
+        }
+    };
     let range = |what: &str, v: f64, [lo, hi]: [f64; 2], unit: &str| {
         if (lo..=hi).contains(&v) {
             Ok(())
@@ -143,22 +166,26 @@ pub fn plan(
     };
     Ok(match cmd {
         C::StartChiller => {
-            if alarm {
-                return Err("MARTA is in ALARM: clear_alarms first".into());
-            }
+            startable()?;
             vec![bits(controls.start_chiller, true)]
         }
         C::StartCo2 => {
-            if alarm {
-                return Err("MARTA is in ALARM: clear_alarms first".into());
-            }
+            startable()?;
             if !now.chiller_bit || !matches!(now.state, State::ChillerRunning | State::Co2Running) {
                 return Err(format!(
                     "start_chiller first: CO2 starts only with the chiller running (state {})",
                     now.state.as_str()
                 ));
             }
-            vec![bits(controls.start_co2, true)]
+            // The chiller bit must still be set when the word is read for the write.
+            let b = controls.start_co2;
+            vec![Op::Bits {
+                register: b.register,
+                set: b.mask(),
+                clear: 0,
+                require: controls.start_chiller.mask(),
+                confirm: b.mask(),
+            }]
         }
         C::StopCo2 => vec![bits(controls.start_co2, false)],
         C::StopChiller => {
@@ -192,21 +219,44 @@ pub fn plan(
             }]
         }
         C::ClearAlarms => {
-            // Start bits first, so that nothing restarts by itself once the alarm is
-            // reset; then the reset bit, set and cleared again.
+            // It stops the plant: only when the plant is tripped or stopped already.
+            if !alarm && (now.chiller_bit || now.co2_bit) {
+                return Err(format!(
+                    "MARTA is {} and not in ALARM: clear_alarms would stop it; stop_co2 and stop_chiller first",
+                    now.state.as_str()
+                ));
+            }
+            // The start bits first, so that nothing restarts by itself once the alarm
+            // is reset, with the reset bit (a pulse cut short must not hide this one's
+            // rising edge); then the reset bit set and cleared again. A PLC may clear
+            // the reset bit itself: its setting need not read back.
             let mut ops: Vec<Op> = Vec::new();
-            for b in [controls.start_co2, controls.start_chiller] {
+            for b in [
+                controls.start_co2,
+                controls.start_chiller,
+                controls.alarm_reset,
+            ] {
                 match ops
                     .iter_mut()
                     .find(|o| matches!(o, Op::Bits { register, .. } if *register == b.register))
                 {
-                    Some(Op::Bits { clear, .. }) => *clear |= b.mask(),
+                    Some(Op::Bits { clear, confirm, .. }) => {
+                        *clear |= b.mask();
+                        *confirm |= b.mask();
+                    }
                     _ => ops.push(bits(b, false)),
                 }
             }
-            ops.push(bits(controls.alarm_reset, true));
+            let r = controls.alarm_reset;
+            ops.push(Op::Bits {
+                register: r.register,
+                set: r.mask(),
+                clear: 0,
+                require: 0,
+                confirm: 0,
+            });
             ops.push(Op::Pause(reset_pulse));
-            ops.push(bits(controls.alarm_reset, false));
+            ops.push(bits(r, false));
             ops
         }
         C::Refresh | C::Reconnect => Vec::new(),
@@ -218,10 +268,11 @@ pub fn apply_bits(read: u16, set: u16, clear: u16) -> u16 {
     (read & !clear) | set
 }
 
-/// Whether a read-back confirms `Op::Bits`: the touched bits as asked (the PLC may
-/// change others, e.g. clear a start bit on a trip, between the write and the read).
-pub fn bits_confirmed(read_back: u16, set: u16, clear: u16) -> bool {
-    read_back & (set | clear) == set
+/// Whether a read-back confirms `Op::Bits`: the bits of `confirm` as asked (the PLC
+/// may change others, e.g. clear a start bit on a trip, between the write and the
+/// read).
+pub fn bits_confirmed(read_back: u16, set: u16, confirm: u16) -> bool {
+    read_back & confirm == set & confirm
 }
 
 #[cfg(test)]
@@ -241,11 +292,19 @@ mod tests {
         }
     }
 
+    /// A snapshot whose status word is what the state implies.
     fn snap(state: State, chiller_bit: bool, co2_bit: bool) -> Snapshot {
+        let status_word = match state {
+            State::Alarm => Some(3),
+            State::Co2Running => Some(2),
+            State::Init | State::Disconnected => None,
+            _ => Some(1),
+        };
         Snapshot {
             state,
             chiller_bit,
             co2_bit,
+            status_word,
         }
     }
 
@@ -306,11 +365,13 @@ mod tests {
         let chiller = snap(State::ChillerRunning, true, false);
         let co2 = snap(State::Co2Running, true, true);
         let alarm = snap(State::Alarm, true, true);
-        let set = |bit: u8| {
+        let set = |bit: u8, require: u16| {
             Ok(vec![Op::Bits {
                 register: 305,
                 set: 1 << bit,
                 clear: 0,
+                require,
+                confirm: 1 << bit,
             }])
         };
         let clear = |bit: u8| {
@@ -318,13 +379,33 @@ mod tests {
                 register: 305,
                 set: 0,
                 clear: 1 << bit,
+                require: 0,
+                confirm: 1 << bit,
             }])
         };
-        assert_eq!(p(MartaCommand::StartChiller, idle), set(0));
+        assert_eq!(p(MartaCommand::StartChiller, idle), set(0, 0));
         assert!(p(MartaCommand::StartCo2, idle)
             .unwrap_err()
             .contains("start_chiller first"));
-        assert_eq!(p(MartaCommand::StartCo2, chiller), set(1));
+        // CO2 requires the chiller bit still set when the word is read for the write.
+        assert_eq!(p(MartaCommand::StartCo2, chiller), set(1, 0b1));
+        // A start bit is not a running stage: the PLC must say it is ready.
+        for w in [0, 7] {
+            let not_ready = Snapshot {
+                status_word: Some(w),
+                ..chiller
+            };
+            assert!(p(MartaCommand::StartCo2, not_ready)
+                .unwrap_err()
+                .contains("not ready"));
+            let idle0 = Snapshot {
+                status_word: Some(w),
+                ..idle
+            };
+            assert!(p(MartaCommand::StartChiller, idle0)
+                .unwrap_err()
+                .contains("not ready"));
+        }
         assert!(p(MartaCommand::StopChiller, co2)
             .unwrap_err()
             .contains("stop_co2 first"));
@@ -395,24 +476,49 @@ mod tests {
         assert_eq!(
             ops,
             vec![
+                // Start bits and a reset bit left over, read back cleared.
                 Op::Bits {
                     register: 305,
                     set: 0,
-                    clear: 0b11
+                    clear: 0b1011,
+                    require: 0,
+                    confirm: 0b1011
                 },
+                // The PLC may clear the reset bit itself: not required to read back.
                 Op::Bits {
                     register: 305,
                     set: 0b1000,
-                    clear: 0
+                    clear: 0,
+                    require: 0,
+                    confirm: 0
                 },
                 Op::Pause(Duration::from_millis(500)),
                 Op::Bits {
                     register: 305,
                     set: 0,
-                    clear: 0b1000
+                    clear: 0b1000,
+                    require: 0,
+                    confirm: 0b1000
                 },
             ]
         );
+        // Not in ALARM, running: it would stop the plant; refused. Stopped: allowed.
+        let e = p(
+            MartaCommand::ClearAlarms,
+            snap(State::Co2Running, true, true),
+        )
+        .unwrap_err();
+        assert!(e.contains("would stop it"), "{e}");
+        assert!(p(
+            MartaCommand::ClearAlarms,
+            snap(State::ChillerRunning, true, false)
+        )
+        .is_err());
+        assert!(p(
+            MartaCommand::ClearAlarms,
+            snap(State::Connected, false, false)
+        )
+        .is_ok());
     }
 
     #[test]
@@ -420,12 +526,14 @@ mod tests {
         // Flow active (bit 2) survives starting CO2.
         assert_eq!(apply_bits(0b0101, 0b0010, 0), 0b0111);
         assert_eq!(apply_bits(0b0111, 0, 0b0011), 0b0100);
-        assert!(bits_confirmed(0b0111, 0b0010, 0));
-        assert!(!bits_confirmed(0b0101, 0b0010, 0));
+        assert!(bits_confirmed(0b0111, 0b0010, 0b0010));
+        assert!(!bits_confirmed(0b0101, 0b0010, 0b0010));
         // The PLC dropped another bit meanwhile: still confirmed.
-        assert!(bits_confirmed(0b0010, 0b0010, 0));
+        assert!(bits_confirmed(0b0010, 0b0010, 0b0010));
         assert!(bits_confirmed(0b0100, 0, 0b0011));
         assert!(!bits_confirmed(0b0101, 0, 0b0011));
+        // A bit outside `confirm` (a pulse the PLC clears itself) is not checked.
+        assert!(bits_confirmed(0b0000, 0b1000, 0));
     }
 
     mod properties {
@@ -439,7 +547,9 @@ mod tests {
 
         #[derive(Debug, Clone)]
         enum Step {
-            Command(MartaCommand),
+            /// A command; the PLC clears the bits of the mask between the plan and
+            /// its writes (a trip racing the command).
+            Command(MartaCommand, u16),
             /// The PLC's status word changes (0..3, or nonsense).
             Status(u16),
             /// A trip: the PLC (or a front panel) clears start bits of its own.
@@ -467,7 +577,7 @@ mod tests {
 
         fn step() -> impl Strategy<Value = Step> {
             prop_oneof![
-                6 => command().prop_map(Step::Command),
+                6 => (command(), prop_oneof![4 => Just(0u16), 1 => 0u16..4]).prop_map(|(c, r)| Step::Command(c, r)),
                 2 => (0u16..6).prop_map(Step::Status),
                 1 => (0u16..16).prop_map(Step::PlcClears),
                 1 => any::<bool>().prop_map(Step::Link),
@@ -487,20 +597,31 @@ mod tests {
                         Step::Status(v) => status = v,
                         Step::PlcClears(m) => word &= !m,
                         Step::Link(up) => connected = up,
-                        Step::Command(cmd) => {
+                        Step::Command(cmd, race) => {
                             let (state, _) = fsm::state(status, word & chiller != 0, word & co2 != 0);
                             let state = if connected { state } else { State::Disconnected };
-                            let snap = Snapshot { state, chiller_bit: word & chiller != 0, co2_bit: word & co2 != 0 };
+                            let snap = Snapshot {
+                                state,
+                                chiller_bit: word & chiller != 0,
+                                co2_bit: word & co2 != 0,
+                                status_word: connected.then_some(status),
+                            };
                             let Ok(ops) = plan(cmd, snap, &c, &limits, Duration::from_millis(1)) else { continue };
                             prop_assert!(connected || ops.is_empty(), "{cmd:?} wrote while disconnected");
+                            word &= !race;
                             for op in &ops {
                                 match *op {
-                                    Op::Bits { register, set, clear } => {
+                                    Op::Bits { register, set, clear, require, .. } => {
                                         prop_assert_eq!(register, 305);
+                                        // The driver writes nothing when a required bit is gone.
+                                        if word & require != require {
+                                            break;
+                                        }
                                         let before = word;
                                         word = apply_bits(word, set, clear);
                                         let started = word & !before & (chiller | co2) != 0;
                                         prop_assert!(!(started && state == State::Alarm), "{cmd:?} started something in ALARM");
+                                        prop_assert!(!started || matches!(status, 1 | 2), "{cmd:?} started something with status word {status}");
                                         // A CO2 start bit the driver sets or keeps needs the chiller's.
                                         prop_assert!(
                                             word & co2 == 0 || word & chiller != 0 || before & co2 != 0 && before & chiller == 0,

@@ -190,61 +190,109 @@ impl Driver {
     }
 
     async fn carry_out(&mut self, ops: &[Op]) -> Result<(), String> {
-        let order = self.plant.map().word_order;
+        let reset = self.plant.map().controls.alarm_reset;
+        // Set once a write may have set the reset bit: cleared again whatever happens.
+        let mut reset_may_be_set = false;
+        let mut result = Ok(());
         for op in ops {
-            match *op {
-                Op::Pause(d) => tokio::time::sleep(d).await,
-                Op::Bits {
-                    register,
-                    set,
-                    clear,
-                } => {
-                    let t = &mut self.transport;
-                    let step = async {
-                        let read = t.read(span1(register)).await?[0];
-                        let word = commands::apply_bits(read, set, clear);
-                        t.write_one(register, word).await?;
-                        Ok::<_, TransportError>((word, t.read(span1(register)).await?[0]))
-                    };
-                    let (word, back) = match step.await {
-                        Ok(v) => v,
-                        Err(e) => {
-                            let why = e.to_string();
-                            self.lost(&e);
-                            return Err(why);
-                        }
-                    };
-                    if !commands::bits_confirmed(back, set, clear) {
-                        return Err(format!(
-                            "MARTA did not take it: control word {register} reads {back:#06x} after writing {word:#06x}"
-                        ));
-                    }
+            if let Op::Bits { register, set, .. } = *op {
+                reset_may_be_set |= register == reset.register && set & reset.mask() != 0;
+            }
+            if let Err(e) = self.carry_out_one(*op).await {
+                result = Err(e);
+                break;
+            }
+            if let Op::Bits {
+                register, clear, ..
+            } = *op
+            {
+                if register == reset.register && clear & reset.mask() != 0 {
+                    reset_may_be_set = false;
                 }
-                Op::Float { register, value } => {
-                    let words = encode_f32(value, order);
-                    let t = &mut self.transport;
-                    let step = async {
-                        t.write_many(register, &words).await?;
-                        t.read(crate::registers::Span {
-                            start: register,
-                            count: 2,
-                        })
-                        .await
-                    };
-                    let back = match step.await {
-                        Ok(v) => v,
-                        Err(e) => {
-                            let why = e.to_string();
-                            self.lost(&e);
-                            return Err(why);
-                        }
-                    };
-                    if back != words {
-                        let got = decode_f32([back[0], back[1]], order);
-                        return Err(format!(
-                            "MARTA did not take it: register {register} reads {got} after writing {value}"
-                        ));
+            }
+        }
+        if result.is_err() && reset_may_be_set {
+            // A reset bit left set would hide the next pulse's rising edge (or hold
+            // the PLC in reset): one more try, on a fresh connection if need be.
+            if !self.transport.is_connected() {
+                let _ = self.transport.connect().await;
+            }
+            let op = Op::Bits {
+                register: reset.register,
+                set: 0,
+                clear: reset.mask(),
+                require: 0,
+                confirm: reset.mask(),
+            };
+            if let Err(e) = self.carry_out_one(op).await {
+                tracing::warn!(error = %e, "the alarm-reset bit may be left set");
+            }
+        }
+        result
+    }
+
+    async fn carry_out_one(&mut self, op: Op) -> Result<(), String> {
+        let order = self.plant.map().word_order;
+        match op {
+            Op::Pause(d) => tokio::time::sleep(d).await,
+            Op::Bits {
+                register,
+                set,
+                clear,
+                require,
+                confirm,
+            } => {
+                let t = &mut self.transport;
+                let step = async {
+                    let read = t.read(span1(register)).await?[0];
+                    if read & require != require {
+                        return Ok(Err(format!(
+                            "the plant changed: control word {register} reads {read:#06x} (bits {require:#06x} needed): nothing written"
+                        )));
                     }
+                    let word = commands::apply_bits(read, set, clear);
+                    t.write_one(register, word).await?;
+                    Ok::<_, TransportError>(Ok((word, t.read(span1(register)).await?[0])))
+                };
+                let (word, back) = match step.await {
+                    Ok(Ok(v)) => v,
+                    Ok(Err(refusal)) => return Err(refusal),
+                    Err(e) => {
+                        let why = e.to_string();
+                        self.lost(&e);
+                        return Err(why);
+                    }
+                };
+                if !commands::bits_confirmed(back, set, confirm) {
+                    return Err(format!(
+                        "MARTA did not take it: control word {register} reads {back:#06x} after writing {word:#06x}"
+                    ));
+                }
+            }
+            Op::Float { register, value } => {
+                let words = encode_f32(value, order);
+                let t = &mut self.transport;
+                let step = async {
+                    t.write_many(register, &words).await?;
+                    t.read(crate::registers::Span {
+                        start: register,
+                        count: 2,
+                    })
+                    .await
+                };
+                let back = match step.await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let why = e.to_string();
+                        self.lost(&e);
+                        return Err(why);
+                    }
+                };
+                if back != words {
+                    let got = decode_f32([back[0], back[1]], order);
+                    return Err(format!(
+                        "MARTA did not take it: register {register} reads {got} after writing {value}"
+                    ));
                 }
             }
         }

@@ -66,6 +66,11 @@ pub fn state(status_word: u16, chiller_bit: bool, co2_bit: bool) -> (State, Opti
         ),
         status::READY | status::CO2_RUNNING if co2_bit => (State::Co2Running, None),
         _ if chiller_bit => (State::ChillerRunning, None),
+        // Not a danger (nothing counts as cooling), but not what the words should say.
+        status::CO2_RUNNING => (
+            State::Connected,
+            Some("status word 2 (CO2 running) without the start bits".into()),
+        ),
         _ => (State::Connected, None),
     }
 }
@@ -92,7 +97,12 @@ mod tests {
                     };
                     assert_eq!(st, want, "status {s} chiller {chiller} co2 {co2}");
                     // A contradiction is always explained.
-                    assert_eq!(fault.is_some(), s > 3 || (s != 3 && co2 && !chiller));
+                    let odd = s > 3 || (s != 3 && co2 && !chiller) || (s == 2 && !chiller && !co2);
+                    assert_eq!(
+                        fault.is_some(),
+                        odd,
+                        "status {s} chiller {chiller} co2 {co2}"
+                    );
                 }
             }
         }

@@ -37,10 +37,10 @@ impl dcs_shared::program::Program for Marta {
     fn resolve_paths(cfg: &mut MartaConfig, file: &std::path::Path) {
         cfg.register_map = dcs_shared::config::relative_to(file, &cfg.register_map);
     }
-    fn load_files(cfg: &mut MartaConfig) -> Result<(), ConfigError> {
+    fn load_files(cfg: &mut MartaConfig, file: &std::path::Path) -> Result<(), ConfigError> {
         let map = load_map(&cfg.register_map)?;
         plant::Plant::new(map.clone(), &cfg.coldest_of)
-            .map_err(|m| ConfigError::invalid(&cfg.register_map, "coldest_of", m))?;
+            .map_err(|m| ConfigError::invalid(file, "coldest_of", m))?;
         cfg.map = Some(map);
         Ok(())
     }

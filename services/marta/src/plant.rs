@@ -27,6 +27,8 @@ struct Published {
 pub struct Plant {
     map: RegisterMap,
     coldest_of: Vec<usize>,
+    /// The reading `temperature_setpoint` (where the CO2 loop is heading).
+    setpoint: usize,
     image: Option<Image>,
     measured_at: Option<UtcNanos>,
     state: State,
@@ -50,9 +52,15 @@ impl Plant {
                     })
             })
             .collect::<Result<_, _>>()?;
+        let setpoint = map
+            .readings
+            .iter()
+            .position(|r| r.name == "temperature_setpoint")
+            .ok_or("the register map has no reading `temperature_setpoint` (co2_coldest_temp needs it)")?;
         Ok(Plant {
             map,
             coldest_of,
+            setpoint,
             image: None,
             measured_at: None,
             state: State::Init,
@@ -110,6 +118,7 @@ impl Plant {
             state: self.state,
             chiller_bit: bit(c.start_chiller),
             co2_bit: bit(c.start_co2),
+            status_word: self.word(self.map.status),
         }
     }
 
@@ -181,11 +190,11 @@ impl Plant {
             })
     }
 
-    /// Whether the alarm list changed since it was last published.
+    /// Whether `MARTA/alarms` changed since it was last published: the list, or the
+    /// state and error it carries.
     pub fn alarms_changed(&self) -> bool {
         self.published.as_ref().is_none_or(|p| {
-            p.alarms != self.alarm_indexes()
-                || (p.state == State::Disconnected) != (self.state == State::Disconnected)
+            p.alarms != self.alarm_indexes() || p.state != self.state || p.error != self.error
         })
     }
 
@@ -221,11 +230,7 @@ impl Plant {
             .filter_map(|&i| values[i])
             .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.min(v))));
         if self.state == State::Co2Running {
-            let sp = self.map.reading("temperature_setpoint").and_then(|r| {
-                let i = self.map.readings.iter().position(|x| x.name == r.name)?;
-                values[i]
-            });
-            if let (Some(sp), Some(c)) = (sp, coldest) {
+            if let (Some(sp), Some(c)) = (values[self.setpoint], coldest) {
                 coldest = Some(c.min(sp));
             }
         }

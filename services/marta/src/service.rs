@@ -53,21 +53,17 @@ pub async fn run(
                 let Some(parsed) = command::parse::<MartaCommand>(&name, &msg) else { continue };
                 let result = match parsed {
                     Err(e) => Err(e.to_string()),
-                    Ok(cmd) => tokio::select! {
-                        _ = shutdown.cancelled() => {
-                            let why = format!("the service stopped while carrying this out: check {status_topic}");
-                            session.answer(&msg, Err(why), driver.plant.state().as_str()).await;
-                            break;
-                        }
-                        r = driver.execute(cmd) => {
-                            publish(&mut driver, true);
-                            r
-                        }
-                    },
+                    Ok(cmd) => {
+                        // Not cancelled by a shutdown: a plan of writes (a reset pulse)
+                        // is never cut in the middle; each step has its timeout.
+                        let r = driver.execute(cmd).await;
+                        publish(&mut driver, true);
+                        // The command read the plant: it counts as this period's poll.
+                        poll.reset_at(Instant::now() + poll.period());
+                        r
+                    }
                 };
                 session.answer(&msg, result, driver.plant.state().as_str()).await;
-                // The command's poll counts as this period's.
-                poll.reset_at(Instant::now() + poll.period());
             }
             _ = poll.tick() => {
                 tokio::select! {
