@@ -10,7 +10,8 @@
 //! - [`backoff`]: exponential backoff with jitter;
 //! - [`line_protocol`] and [`influx`]: InfluxDB line protocol and its v1/v2 writer;
 //! - [`permit`]: the interlock's signed permit (HMAC-SHA256, freshness, sequence);
-//! - [`spool`]: a durable on-disk queue (checksummed segments, persisted cursor).
+//! - [`spool`]: a durable on-disk queue (checksummed segments, persisted cursor), and
+//!   [`outbox`]: a spool in front of a store that may be away, with delivery and retries.
 
 pub mod backoff;
 pub mod command;
@@ -19,6 +20,7 @@ pub mod influx;
 pub mod line_protocol;
 pub mod logging;
 pub mod mqtt;
+pub mod outbox;
 pub mod permit;
 pub mod program;
 pub mod shutdown;

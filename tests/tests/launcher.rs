@@ -29,7 +29,7 @@ fn shipped_config_checks_ok() {
     assert!(
         text.contains(
             "OK (broker, caen-sim, env-sim, julabo-sim, marta-sim, ph2acf-sim, caen-fsm, interlock, \
-             julabo, marta, ph2acf-bridge, telemetry)"
+             julabo, marta, notifier, ph2acf-bridge, telemetry)"
         ),
         "{text}"
     );

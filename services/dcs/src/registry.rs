@@ -105,6 +105,7 @@ pub static COMPONENTS: &[Component] = &[
     Component::program::<marta::Marta>(Kind::Service),
     Component::program::<telemetry::Telemetry>(Kind::Service),
     Component::program::<interlock::Interlock>(Kind::Service),
+    Component::program::<notifier::Notifier>(Kind::Service),
     Component::program::<ph2acf::Bridge>(Kind::Service),
     Component::program::<caen_sim::CaenSim>(Kind::Simulator),
     Component::program::<julabo_sim::JulaboSim>(Kind::Simulator),

@@ -186,6 +186,9 @@ pub struct RuleConfig {
     /// action is taken at once.
     #[serde(default = "default_confirm_timeout")]
     pub confirm_timeout_secs: f64,
+    /// What an operator should do, in the alarm (`advice`) and in every notification.
+    #[serde(default)]
+    pub advice: Option<String>,
 }
 
 fn yes() -> bool {

@@ -367,6 +367,7 @@ impl Interlock {
             json!(format!("{}: {}", l.action.as_str(), l.result))
         });
         doc["actions"] = Json::Array(log);
+        doc["advice"] = json!(r.cfg.advice);
         Effect::State {
             topic: format!("{}/{}", self.alarm_prefix, r.name),
             payload: doc.to_string(),

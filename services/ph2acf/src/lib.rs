@@ -15,7 +15,8 @@ pub mod backend;
 pub mod commands;
 pub mod config;
 pub mod influx_sink;
-pub mod outbox;
+/// The durable queues (shared with the notifier).
+pub use dcs_shared::outbox;
 pub mod record;
 pub mod results;
 pub mod service;

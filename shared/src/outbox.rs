@@ -1,17 +1,18 @@
-//! Durable queues of records waiting for a database: one per store, so a MongoDB
-//! outage never holds back the InfluxDB markers or the other way round. A record is
-//! on disk (the shared [`Spool`], fsynced) before the bridge moves on, and leaves the
-//! queue only once the store has acknowledged it: a run is never lost to a database
-//! that is down, nor to a bridge restart (delivery resumes from the queue).
+//! Durable queues of records waiting for a store that may be away (a database, a mail
+//! server, a webhook): one per store, so one outage never holds back another. A record
+//! is on disk (the [`Spool`], fsynced) before the caller moves on, and leaves the queue
+//! only once the store has acknowledged it: nothing is lost to a store that is down,
+//! nor to a restart (delivery resumes from the queue). Used by the calibration bridge
+//! (MongoDB, InfluxDB) and the notifier (SMTP, webhooks).
 
 use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dcs_shared::backoff::Backoff;
-use dcs_shared::shutdown::CancellationToken;
-use dcs_shared::spool::{Overflow, Spool, SpoolConfig, SpoolError, MAX_RECORD};
+use crate::backoff::Backoff;
+use crate::shutdown::CancellationToken;
+use crate::spool::{Overflow, Spool, SpoolConfig, SpoolError, MAX_RECORD};
 use tokio::sync::Notify;
 
 /// What a store did with a record.
@@ -39,7 +40,7 @@ pub struct OutboxState {
 /// A durable queue in front of one store.
 #[derive(Clone)]
 pub struct Outbox {
-    name: &'static str,
+    name: String,
     spool: Arc<Mutex<Spool>>,
     wake: Arc<Notify>,
     state: Arc<Mutex<OutboxState>>,
@@ -48,7 +49,7 @@ pub struct Outbox {
 
 impl Outbox {
     /// Opens (or creates) the queue `dir/name`.
-    pub fn open(dir: &Path, name: &'static str) -> Result<Outbox, SpoolError> {
+    pub fn open(dir: &Path, name: &str) -> Result<Outbox, SpoolError> {
         let spool = Spool::open(SpoolConfig {
             dir: dir.join(name),
             segment_bytes: 16 * 1024 * 1024,
@@ -61,7 +62,7 @@ impl Outbox {
             ..Default::default()
         };
         Ok(Outbox {
-            name,
+            name: name.to_string(),
             spool: Arc::new(Mutex::new(spool)),
             wake: Arc::new(Notify::new()),
             state: Arc::new(Mutex::new(state)),
@@ -103,13 +104,13 @@ impl Outbox {
         }
     }
 
-    fn next(&self) -> Result<Option<(Vec<u8>, dcs_shared::spool::Position)>, SpoolError> {
+    fn next(&self) -> Result<Option<(Vec<u8>, crate::spool::Position)>, SpoolError> {
         let mut spool = self.spool()?;
         let (mut records, pos) = spool.read(1, MAX_RECORD)?;
         Ok(records.pop().map(|r| (r, pos)))
     }
 
-    fn ack(&self, pos: dcs_shared::spool::Position) -> Result<(), SpoolError> {
+    fn ack(&self, pos: crate::spool::Position) -> Result<(), SpoolError> {
         let mut spool = self.spool()?;
         spool.ack(pos)?;
         let pending = spool.pending_bytes();
@@ -125,7 +126,7 @@ impl Outbox {
     fn set_aside(&self, record: &[u8], why: &str) {
         use std::io::Write as _;
         let line = serde_json::json!({
-            "time": dcs_shared::UtcNanos::now().to_string(),
+            "time": crate::UtcNanos::now().to_string(),
             "error": why,
             "record": String::from_utf8_lossy(record),
         });
@@ -135,7 +136,7 @@ impl Outbox {
             .open(&self.rejected)
             .and_then(|mut f| writeln!(f, "{line}"));
         if let Err(e) = r {
-            tracing::error!(queue = self.name, error = %e, "cannot write the rejected-records file");
+            tracing::error!(queue = %self.name, error = %e, "cannot write the rejected-records file");
         }
     }
 
@@ -156,7 +157,7 @@ impl Outbox {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(queue = self.name, error = %e, "cannot read the queue");
+                    tracing::error!(queue = %self.name, error = %e, "cannot read the queue");
                     self.set(|s| s.error = Some(e.to_string()));
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -172,29 +173,29 @@ impl Outbox {
                 Delivery::Done => {
                     if backoff.attempts() > 0 {
                         tracing::info!(
-                            queue = self.name,
+                            queue = %self.name,
                             after_attempts = backoff.attempts(),
                             "store is back: queued records delivered"
                         );
                     }
                     backoff.reset();
                     if let Err(e) = self.ack(pos) {
-                        tracing::error!(queue = self.name, error = %e, "cannot advance the queue");
+                        tracing::error!(queue = %self.name, error = %e, "cannot advance the queue");
                     }
                 }
                 Delivery::Reject(why) => {
-                    tracing::error!(queue = self.name, error = %why,
+                    tracing::error!(queue = %self.name, error = %why,
                         file = %self.rejected.display(), "record refused by the store: set aside");
                     self.set_aside(&record, &why);
                     if let Err(e) = self.ack(pos) {
-                        tracing::error!(queue = self.name, error = %e, "cannot advance the queue");
+                        tracing::error!(queue = %self.name, error = %e, "cannot advance the queue");
                     }
                 }
                 Delivery::Retry(why) => {
                     let delay = backoff.next_delay();
                     // One line when the outage starts, then one per ~minute of retries.
                     if backoff.attempts() == 1 || backoff.attempts().is_multiple_of(10) {
-                        tracing::warn!(queue = self.name, error = %why, attempts = backoff.attempts(),
+                        tracing::warn!(queue = %self.name, error = %why, attempts = backoff.attempts(),
                             retry_in_ms = delay.as_millis() as u64, "store unavailable: record kept in the queue");
                     }
                     self.set(|s| s.error = Some(why));

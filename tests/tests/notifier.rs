@@ -1,0 +1,302 @@
+//! The notifier against real receivers (aiosmtpd's SMTP server, an http.server webhook
+//! receiver) and the real interlock: a dew-point alarm raised, escalated, acknowledged
+//! and cleared, one message each per channel; a reminder; the SMTP server down while an
+//! alarm is raised (delivered once it is back, once); a flood folded into a summary;
+//! the interlock SIGKILLed (the watchdog tells).
+//!
+//! Stand-ins, named as such: the test publishes the chiller's and the CAEN channel's
+//! status (`julabo/status`, `dcs/channels/0`) so that the interlock's actions are
+//! confirmed, and, for the flood, alarm payloads as the interlock publishes them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dcs_integration_tests::{
+    bin, free_port, repo_root, spawn_until, Broker, BrokerKind, Observer, Proc, PASS, USER,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn peer(mode: &str, port: u16) -> Proc {
+    let python = repo_root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        ".venv missing: run .ci/run (it installs aiosmtpd)"
+    );
+    let mut cmd = Command::new(python);
+    cmd.arg(repo_root().join("tests/interop/notify_peers.py"))
+        .arg(mode)
+        .arg(port.to_string());
+    spawn_until(cmd, "ready", WAIT)
+}
+
+/// What a receiver got so far, one JSON object per message.
+fn received(p: &Proc) -> Vec<Value> {
+    p.stderr_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+/// Waits until `p` received messages satisfying `pred` (on the whole list).
+fn wait_received(p: &Proc, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = received(p);
+        if pred(&got) {
+            return got;
+        }
+        assert!(Instant::now() < deadline, "{what}: got {got:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn subjects(got: &[Value]) -> Vec<String> {
+    got.iter()
+        .map(|m| {
+            m["subject"]
+                .as_str()
+                .map(String::from)
+                .or_else(|| {
+                    m["body"]["text"]
+                        .as_str()
+                        .map(|t| t.lines().next().unwrap_or("").to_string())
+                })
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn count(got: &[Value], word: &str) -> usize {
+    subjects(got).iter().filter(|s| s.contains(word)).count()
+}
+
+fn write(dir: &Path, name: &str, text: String) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlock() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let broker = Broker::start(BrokerKind::Dcs);
+    let (smtp_port, http_port) = (free_port(), free_port());
+    let mut smtp = peer("smtp", smtp_port);
+    let hook = peer("http", http_port);
+    let mqtt = format!(
+        "mqtt: {{url: {}, username: {USER}, password: {PASS}}}\n",
+        broker.url()
+    );
+
+    let interlock_cfg = write(
+        d,
+        "interlock.yaml",
+        format!(
+            "name: interlock\npermit_key_file: permit.key\ntargets: {{caen: dcs, chiller: julabo, max_age_secs: 60}}\n\
+             inputs:\n  bath: {{topic: julabo/status, field: internal_temp, max_age_secs: 600}}\n  \
+             dew: {{topic: ESP01/sensors/BME/dew, max_age_secs: 600}}\n\
+             rules:\n  dew_point:\n    kind: dew_point\n    cold: [bath]\n    dew: [dew]\n    margin: 3\n    \
+             actions: [{{do: chiller_setpoint, temp: 20}}, {{do: hv_off, after_secs: 1}}]\n    \
+             confirm_timeout_secs: 20\n    advice: Check the dry air; do not open the box.\n{mqtt}"
+        ),
+    );
+    let notifier_cfg = write(
+        d,
+        "notifier.yaml",
+        format!(
+            "station: test-box\nstate_dir: state\nwatch: [dcs]\n\
+             timing: {{reminder_secs: 4, interlock_silence_secs: 120, offline_grace_secs: 1}}\n\
+             channels:\n  - name: mail\n    max_per_window: 5\n    rate_window_secs: 10\n    \
+             email: {{host: 127.0.0.1, port: {smtp_port}, security: none, from: dcs@lab.invalid, to: [shift@lab.invalid], timeout_secs: 2}}\n  \
+             - name: chat\n    max_per_window: 5\n    rate_window_secs: 10\n    \
+             webhook: {{url: 'http://127.0.0.1:{http_port}/hooks/dcs', format: mattermost}}\n{mqtt}"
+        ),
+    );
+    let mut o = Observer::connect(
+        broker.port,
+        "t-notify",
+        &["julabo/cmd/#", "dcs/cmd/#", "alarms/#"],
+    )
+    .await;
+    // The stand-ins: a chiller at set-point 5 and one channel with HV on.
+    let chiller =
+        |sp: f64| format!(r#"{{"internal_temp":10.0,"setpoint_1":{sp},"used_setpoint":1}}"#);
+    o.publish_acked("julabo/status", true, &chiller(5.0)).await;
+    o.publish_acked(
+        "dcs/channels/0",
+        true,
+        r#"{"module":"m0","lv_status":1,"hv_status":1}"#,
+    )
+    .await;
+    o.publish_acked("ESP01/sensors/BME/dew", true, "0.5").await;
+    let mut cmd = Command::new(bin("interlock"));
+    cmd.arg("--config").arg(&interlock_cfg);
+    let mut interlock = spawn_until(cmd, "connected to MQTT broker", WAIT);
+    let mut cmd = Command::new(bin("notifier"));
+    cmd.arg("--config").arg(&notifier_cfg);
+    let notifier = spawn_until(cmd, "connected to MQTT broker", WAIT);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Wet: raised; the interlock raises the set-point (confirmed by the stand-in),
+    // then switches HV off (confirmed): one escalation message.
+    let t_raise = Instant::now();
+    o.publish_acked("ESP01/sensors/BME/dew", true, "9.0").await;
+    o.wait_for("julabo/cmd/setWT", WAIT, |_| true)
+        .await
+        .expect("the interlock raises the set-point");
+    o.publish_acked("julabo/status", true, &chiller(20.0)).await;
+    o.wait_for("dcs/cmd/switch/hv", WAIT, |_| true)
+        .await
+        .expect("the interlock switches HV off");
+    o.publish_acked(
+        "dcs/channels/0",
+        true,
+        r#"{"module":"m0","lv_status":1,"hv_status":0}"#,
+    )
+    .await;
+    let mails = wait_received(&smtp, "raised and escalated by mail", |g| {
+        count(g, "ESCALATED") == 1
+    });
+    let raise_ms = t_raise.elapsed().as_millis();
+    let raised = &mails[0];
+    let s = raised["subject"].as_str().unwrap();
+    assert!(
+        s.starts_with("[test-box] RAISED critical: dew_point"),
+        "{s}"
+    );
+    let body = raised["body"].as_str().unwrap();
+    for needle in [
+        "Station: test-box",
+        "UTC (",
+        "local)",
+        "What to do: Check the dry air",
+        "Values:",
+    ] {
+        assert!(body.contains(needle), "`{needle}` missing in\n{body}");
+    }
+    assert_eq!(raised["to"][0], "shift@lab.invalid");
+    let esc = mails
+        .iter()
+        .find(|m| m["subject"].as_str().unwrap().contains("ESCALATED"))
+        .unwrap();
+    assert!(
+        esc["subject"]
+            .as_str()
+            .unwrap()
+            .contains("hv_off: confirmed"),
+        "{esc}"
+    );
+    // A reminder while nobody acknowledges (4 s in this test, an hour shipped).
+    wait_received(&smtp, "a reminder", |g| count(g, "STILL ACTIVE") >= 1);
+    let r = o
+        .command(
+            "alarms",
+            "ack",
+            r#"{"rule": "dew_point", "operator": "ana"}"#,
+            WAIT,
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    wait_received(&smtp, "acknowledged", |g| count(g, "ACKNOWLEDGED") == 1);
+    o.publish_acked("ESP01/sensors/BME/dew", true, "0.5").await;
+    let mails = wait_received(&smtp, "cleared", |g| count(g, "CLEARED") == 1);
+    for word in ["RAISED", "ESCALATED", "ACKNOWLEDGED", "CLEARED"] {
+        assert_eq!(count(&mails, word), 1, "{word}: {:#?}", subjects(&mails));
+    }
+    assert!(mails
+        .iter()
+        .any(|m| m["body"].as_str().unwrap().contains("Acknowledged by: ana")));
+    let hooks = wait_received(&hook, "the same on the webhook", |g| {
+        count(g, "CLEARED") == 1
+    });
+    for word in ["RAISED", "ESCALATED", "ACKNOWLEDGED", "CLEARED"] {
+        assert_eq!(count(&hooks, word), 1, "{word}: {:#?}", subjects(&hooks));
+    }
+    assert_eq!(hooks[0]["path"], "/hooks/dcs");
+
+    // The mail server down while an alarm is raised: the chat has it at once, the mail
+    // once the server is back, exactly once. (The window of 10 s lets it through.)
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    smtp.kill();
+    let before = received(&smtp).len();
+    o.publish_acked("ESP01/sensors/BME/dew", true, "9.5").await;
+    wait_received(&hook, "raised again on the webhook", |g| {
+        count(g, "RAISED") == 2
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut smtp = peer("smtp", smtp_port);
+    let back = wait_received(&smtp, "the queued mail after the outage", |g| {
+        count(g, "RAISED") >= 1
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        count(&received(&smtp), "RAISED"),
+        1,
+        "{:#?} (before: {before})",
+        subjects(&back)
+    );
+
+    // Dry again and acknowledged: no reminders in what follows.
+    o.publish_acked("ESP01/sensors/BME/dew", true, "0.5").await;
+    let r = o
+        .command(
+            "alarms",
+            "ack",
+            r#"{"rule": "dew_point", "operator": "ana"}"#,
+            WAIT,
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    wait_received(&hook, "cleared again", |g| count(g, "CLEARED") == 2);
+
+    // A flood of 200 alarm events in a second (as the interlock would publish them):
+    // a bounded number of messages and one summary with the count.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let hooks_before = received(&hook).len();
+    for i in 0..200 {
+        let p = format!(
+            r#"{{"rule":"flood_{i}","severity":"warning","state":"active","message":"test flood","values":{{}},"actions":[]}}"#
+        );
+        o.publish(&format!("alarms/flood_{i}"), p).await;
+    }
+    let flood = wait_received(&hook, "the folded summary", |g| {
+        count(&g[hooks_before..], "FOLDED") == 1
+    });
+    let flood = &flood[hooks_before..];
+    let raised = count(flood, "RAISED");
+    assert!(raised <= 5, "{raised} messages for the flood");
+    let summary = flood
+        .iter()
+        .find(|m| m["body"]["text"].as_str().unwrap_or("").contains("FOLDED"))
+        .unwrap();
+    let text = summary["body"]["text"].as_str().unwrap();
+    // Every flood event is either sent or counted; the grouped reminders of the flood's
+    // alarms (every 4 s here) may be folded with them.
+    let folded: usize = text
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        raised + folded >= 200 && folded <= 200 - raised + 5,
+        "{raised} sent, {folded} folded:\n{text}"
+    );
+
+    // The interlock killed: its last will, then the watchdog's notice.
+    let t_kill = Instant::now();
+    interlock.kill();
+    let w = wait_received(&hook, "the watchdog", |g| count(g, "WATCHDOG") == 1);
+    let watchdog_ms = t_kill.elapsed().as_millis();
+    assert!(
+        subjects(&w)
+            .iter()
+            .any(|s| s.contains("interlock") && s.contains("offline")),
+        "{:#?}",
+        subjects(&w)
+    );
+    println!("alarm -> mail and webhook: {raise_ms} ms (incl. the escalation); kill -> watchdog notice: {watchdog_ms} ms");
+    drop(notifier);
+}
