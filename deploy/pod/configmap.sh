@@ -32,7 +32,7 @@ case "${1:-}" in
   "")
     header tracker-dcs-config "from deploy/*.yaml"
     for f in pod/broker.yaml caen.yaml julabo.yaml julabo-sim.yaml marta.yaml marta-sim.yaml marta-registers.yaml \
-             telemetry.yaml interlock.yaml env-sim.yaml; do
+             telemetry.yaml interlock.yaml notifier.yaml env-sim.yaml; do
       entry "$(basename "$f")" "$deploy/$f"
     done
     ;;

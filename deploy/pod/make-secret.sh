@@ -2,8 +2,8 @@
 # Creates the MQTT credentials of a pod, never in the repo:
 #  - the podman secret `tracker-dcs-mqtt` (keys: <account>-password for each service
 #    account, named as the service's MQTT client id so that dcs-broker reserves that
-#    id to it: dcs (caen-fsm), julabo, MARTA (marta), interlock, telemetry, env-sim,
-#    ph2acf;
+#    id to it: dcs (caen-fsm), julabo, MARTA (marta), interlock, notifier, telemetry,
+#    env-sim, ph2acf;
 #    passwd: the broker's password file with those accounts and `operator`;
 #    operator-password (the Node-RED panel logs in as `operator`);
 #    permit-key: the key interlock/permits is signed with (interlock, caen-fsm);
@@ -35,7 +35,7 @@ podman image exists "$image" || { echo "make-secret: no $image: run deploy/build
 
 random() { head -c 18 /dev/urandom | base64 | tr '+/' '-_'; }
 hash() { printf '%s\n' "$2" | podman run --rm -i --network none "$image" --hash-user "$1"; }
-accounts=(dcs julabo MARTA interlock telemetry env-sim ph2acf)
+accounts=(dcs julabo MARTA interlock notifier telemetry env-sim ph2acf)
 operator_pw=$(random)
 keys=(); values=(); passwd=""
 for a in "${accounts[@]}"; do

@@ -228,7 +228,7 @@ async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlo
         count(g, "RAISED") == 2
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut smtp = peer("smtp", smtp_port);
+    let smtp = peer("smtp", smtp_port);
     let back = wait_received(&smtp, "the queued mail after the outage", |g| {
         count(g, "RAISED") >= 1
     });

@@ -189,7 +189,7 @@ async fn simulated_pod_plays_answers_over_mqtt_stops_cleanly_and_its_volume_rest
         "podman ps",
     );
     let containers: Vec<&str> = codes.lines().filter(|l| !l.contains("-infra ")).collect();
-    assert_eq!(containers.len(), 10, "{codes}");
+    assert_eq!(containers.len(), 11, "{codes}");
     for c in &containers {
         assert!(
             c.ends_with(" 0"),

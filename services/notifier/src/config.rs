@@ -242,7 +242,7 @@ impl Validate for NotifierConfig {
         }
         for (i, w) in self.watch.iter().enumerate() {
             if let Err(m) = dcs_shared::topic::check_level(w) {
-                return invalid(&format!("watch[{i}]"), m);
+                return invalid(format!("watch[{i}]"), m);
             }
         }
         if self.station.trim().is_empty() {
@@ -272,20 +272,20 @@ impl Validate for NotifierConfig {
         for (i, c) in self.channels.iter().enumerate() {
             let k = |f: &str| format!("channels[{i}].{f}");
             if let Err(m) = dcs_shared::topic::check_level(&c.name) {
-                return invalid(&k("name"), m);
+                return invalid(k("name"), m);
             }
             if !names.insert(c.name.as_str()) {
-                return invalid(&k("name"), format!("`{}` is used twice", c.name));
+                return invalid(k("name"), format!("`{}` is used twice", c.name));
             }
             if c.max_per_window == 0 {
-                return invalid(&k("max_per_window"), "must be > 0");
+                return invalid(k("max_per_window"), "must be > 0");
             }
             if !(c.rate_window_secs.is_finite() && (1.0..=86_400.0).contains(&c.rate_window_secs)) {
-                return invalid(&k("rate_window_secs"), "must be 1 .. 86400 s");
+                return invalid(k("rate_window_secs"), "must be 1 .. 86400 s");
             }
             let Some(kind) = c.kind() else {
                 return invalid(
-                    &format!("channels[{i}]"),
+                    format!("channels[{i}]"),
                     "give one of `email:`, `webhook:` or `file:`",
                 );
             };
@@ -297,10 +297,10 @@ impl Validate for NotifierConfig {
             match &kind {
                 ChannelKind::Email(e) => {
                     if e.host.trim().is_empty() {
-                        return invalid(&k("host"), "must not be empty");
+                        return invalid(k("host"), "must not be empty");
                     }
                     if e.to.is_empty() {
-                        return invalid(&k("to"), "name at least one recipient");
+                        return invalid(k("to"), "name at least one recipient");
                     }
                     for (j, a) in std::iter::once(&e.from).chain(&e.to).enumerate() {
                         if a.parse::<lettre::message::Mailbox>().is_err() {
@@ -314,30 +314,30 @@ impl Validate for NotifierConfig {
                     }
                     if e.password_env.is_some() && e.password_file.is_some() {
                         return invalid(
-                            &k("password_file"),
+                            k("password_file"),
                             "give password_env or password_file, not both",
                         );
                     }
                     if e.username.is_none()
                         && (e.password_env.is_some() || e.password_file.is_some())
                     {
-                        return invalid(&k("username"), "a password needs a username");
+                        return invalid(k("username"), "a password needs a username");
                     }
                     if !(e.timeout_secs.is_finite() && (0.1..=300.0).contains(&e.timeout_secs)) {
-                        return invalid(&k("timeout_secs"), "must be 0.1 .. 300 s");
+                        return invalid(k("timeout_secs"), "must be 0.1 .. 300 s");
                     }
                 }
                 ChannelKind::File(f) => {
                     if f.path.as_os_str().is_empty() {
-                        return invalid(&k("path"), "must not be empty");
+                        return invalid(k("path"), "must not be empty");
                     }
                 }
                 ChannelKind::Webhook(w) => {
                     if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                        return invalid(&k("url"), "must start with http:// or https://");
+                        return invalid(k("url"), "must start with http:// or https://");
                     }
                     if !(w.timeout_secs.is_finite() && (0.1..=300.0).contains(&w.timeout_secs)) {
-                        return invalid(&k("timeout_secs"), "must be 0.1 .. 300 s");
+                        return invalid(k("timeout_secs"), "must be 0.1 .. 300 s");
                     }
                 }
             }
