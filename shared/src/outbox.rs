@@ -35,6 +35,8 @@ pub struct OutboxState {
     pub error: Option<String>,
     /// Records stored since start.
     pub delivered: u64,
+    /// Records refused for good since start (set aside in `<queue>.rejected`).
+    pub rejected: u64,
 }
 
 /// A durable queue in front of one store.
@@ -190,6 +192,12 @@ impl Outbox {
                     if let Err(e) = self.ack(pos) {
                         tracing::error!(queue = %self.name, error = %e, "cannot advance the queue");
                     }
+                    // Not delivered: counted apart, and the reason stays on the status.
+                    self.set(|s| {
+                        s.delivered -= 1;
+                        s.rejected += 1;
+                        s.error = Some(format!("set aside: {why}"));
+                    });
                 }
                 Delivery::Retry(why) => {
                     let delay = backoff.next_delay();

@@ -119,11 +119,11 @@ impl Channel {
                     Ok(m) => m,
                     Err(e) => return Delivery::Reject(format!("cannot build the message: {e}")),
                 };
+                // Every refusal is retried, permanent ones too: a 535 (login) or a 550
+                // (a recipient, the relay) is a setting to fix, and the alarm must still
+                // go out once it is; the error stays on the status meanwhile.
                 match transport.send(message).await {
                     Ok(_) => Delivery::Done,
-                    Err(e) if e.is_permanent() => {
-                        Delivery::Reject(format!("the mail server refused it: {e}"))
-                    }
                     Err(e) => Delivery::Retry(format!("SMTP {}:{}: {e}", cfg.host, cfg.port)),
                 }
             }
@@ -157,12 +157,13 @@ impl Channel {
                 .await;
                 match r {
                     Ok(Ok(s)) if (200..300).contains(&s) => Delivery::Done,
-                    // Throttled or a server trouble: later. Any other 4xx: the receiver
-                    // refuses this body, retrying cannot help.
-                    Ok(Ok(s)) if s == 408 || s == 429 || s >= 500 => {
-                        Delivery::Retry(format!("webhook answered {s}"))
+                    // The receiver refuses this body: retrying cannot help. Anything else
+                    // (401/403/404: a token or hook to fix, 429, 5xx) is retried, with the
+                    // error on the status.
+                    Ok(Ok(s)) if matches!(s, 400 | 413 | 415 | 422) => {
+                        Delivery::Reject(format!("webhook answered {s}: body refused"))
                     }
-                    Ok(Ok(s)) => Delivery::Reject(format!("webhook answered {s}")),
+                    Ok(Ok(s)) => Delivery::Retry(format!("webhook answered {s}")),
                     Ok(Err(e)) => Delivery::Retry(format!("webhook: {e}")),
                     Err(e) => Delivery::Retry(format!("webhook task: {e}")),
                 }

@@ -251,10 +251,11 @@ impl Validate for NotifierConfig {
         let t = &self.timing;
         for (k, v, lo) in [
             ("timing.reminder_secs", t.reminder_secs, 1.0),
+            // The interlock signs its permit every 10 s: less would cry wolf.
             (
                 "timing.interlock_silence_secs",
                 t.interlock_silence_secs,
-                1.0,
+                20.0,
             ),
             ("timing.offline_grace_secs", t.offline_grace_secs, 0.0),
         ] {
@@ -273,6 +274,12 @@ impl Validate for NotifierConfig {
             let k = |f: &str| format!("channels[{i}].{f}");
             if let Err(m) = dcs_shared::topic::check_level(&c.name) {
                 return invalid(k("name"), m);
+            }
+            if c.name.starts_with('.') {
+                return invalid(
+                    k("name"),
+                    "must not start with `.` (it names the channel's outbox directory)",
+                );
             }
             if !names.insert(c.name.as_str()) {
                 return invalid(k("name"), format!("`{}` is used twice", c.name));
@@ -322,6 +329,13 @@ impl Validate for NotifierConfig {
                         && (e.password_env.is_some() || e.password_file.is_some())
                     {
                         return invalid(k("username"), "a password needs a username");
+                    }
+                    let local = matches!(e.host.as_str(), "127.0.0.1" | "localhost" | "::1");
+                    if e.security == Security::None && e.username.is_some() && !local {
+                        return invalid(
+                            k("security"),
+                            "a login over `security: none` sends the password in clear: use starttls or tls (none is for a relay on this host)",
+                        );
                     }
                     if !(e.timeout_secs.is_finite() && (0.1..=300.0).contains(&e.timeout_secs)) {
                         return invalid(k("timeout_secs"), "must be 0.1 .. 300 s");
@@ -410,6 +424,21 @@ mod tests {
                 "station: a\nstate_dir: s\nchannels: []\n".to_string(),
                 "channels",
                 "tells nobody",
+            ),
+            (
+                GOOD.replace("host: 127.0.0.1", "host: smtp.lab.invalid, username: u"),
+                "channels[0].email.security",
+                "in clear",
+            ),
+            (
+                GOOD.replace("name: chat", "name: .."),
+                "channels[1].name",
+                "must not start",
+            ),
+            (
+                format!("timing: {{interlock_silence_secs: 5}}\n{GOOD}"),
+                "timing.interlock_silence_secs",
+                "20 .. 604800",
             ),
         ] {
             let (k, m) = err(&text);

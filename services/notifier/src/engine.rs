@@ -78,8 +78,13 @@ pub struct AlarmMemory {
     pub state: String,
     /// Who acknowledged it.
     pub acknowledged_by: Option<String>,
-    /// Actions already told.
-    pub actions_told: usize,
+    /// Actions whose result was told, by `do@at` (a retry round or a new breach adds
+    /// entries with new instants; a result is told once).
+    #[serde(default)]
+    pub actions_told: Vec<String>,
+    /// The alarm's severity (reminders and clearances go where its raise went).
+    #[serde(default)]
+    pub severity: Option<Severity>,
     /// UTC ns of the last message about it (reminders count from it).
     pub last_told_ns: i64,
 }
@@ -171,19 +176,23 @@ impl Engine {
         }
     }
 
-    /// A message from the broker.
+    /// A message from the broker (`retained`: delivered from the broker's store).
     pub fn message(
         &mut self,
         topic: &str,
         payload: &[u8],
+        retained: bool,
         now: Instant,
         wall: UtcNanos,
     ) -> Vec<Notification> {
         let mut out = Vec::new();
         let mut levels = topic.split('/');
         let (first, second, rest) = (levels.next(), levels.next(), levels.next());
+        // Alive is a permit signed now: not a retained copy, not an operator's command.
         if first == Some(self.interlock.as_str())
-            && !(second == Some("online") && payload == b"false")
+            && second == Some("permits")
+            && rest.is_none()
+            && !retained
         {
             self.interlock_seen = now;
             if self.interlock_silent.told {
@@ -231,6 +240,11 @@ impl Engine {
     }
 
     fn alarm(&mut self, rule: &str, payload: &[u8], wall: UtcNanos) -> Vec<Notification> {
+        if payload.is_empty() {
+            // The retained alarm was deleted (a rule removed): nothing to remind of.
+            self.alarms.remove(rule);
+            return Vec::new();
+        }
         let Ok(doc) = serde_json::from_slice::<Json>(payload) else {
             tracing::warn!(rule, "unreadable alarm payload: ignored");
             return Vec::new();
@@ -275,6 +289,18 @@ impl Engine {
             .and_then(Json::as_str)
             .unwrap_or("")
             .to_string();
+        let key = |a: &Json| {
+            format!(
+                "{}@{}",
+                a.get("do").and_then(Json::as_str).unwrap_or("?"),
+                a.get("at").and_then(Json::as_str).unwrap_or("?")
+            )
+        };
+        let settled_action = |a: &Json| {
+            a.get("result")
+                .and_then(Json::as_str)
+                .is_some_and(|r| r != "pending")
+        };
         if open && !was_open {
             out.push(self.note(
                 Kind::Raised,
@@ -284,19 +310,23 @@ impl Engine {
                 details.clone(),
                 wall,
             ));
+            // Actions with a result are told with the raise; pending ones when settled.
             mem = AlarmMemory {
-                actions_told: actions.len(),
+                actions_told: actions
+                    .iter()
+                    .filter(|a| settled_action(a))
+                    .map(key)
+                    .collect(),
                 ..AlarmMemory::default()
             };
         } else if open {
-            // New actions are told once each has a result (one message for a group).
-            let new = &actions[mem.actions_told.min(actions.len())..];
-            let settled = !new.is_empty()
-                && new.iter().all(|a| {
-                    a.get("result")
-                        .and_then(Json::as_str)
-                        .is_some_and(|r| r != "pending")
-                });
+            // Actions not yet told are told once all of them have a result (one message
+            // for a group taken together).
+            let new: Vec<&Json> = actions
+                .iter()
+                .filter(|a| !mem.actions_told.contains(&key(a)))
+                .collect();
+            let settled = !new.is_empty() && new.iter().all(|a| settled_action(a));
             if settled {
                 let done: Vec<String> = new
                     .iter()
@@ -316,7 +346,7 @@ impl Engine {
                     details.clone(),
                     wall,
                 ));
-                mem.actions_told = actions.len();
+                mem.actions_told.extend(new.iter().map(|a| key(a)));
             }
         }
         if let (Some(by), None) = (&acked_by, &mem.acknowledged_by) {
@@ -332,14 +362,9 @@ impl Engine {
             }
         }
         if !open && was_open {
-            let sev = if severity == Severity::Critical {
-                Severity::Critical
-            } else {
-                Severity::Info
-            };
             out.push(self.note(
                 Kind::Cleared,
-                sev,
+                severity,
                 rule,
                 format!("{rule}: cleared"),
                 details,
@@ -347,6 +372,7 @@ impl Engine {
             ));
         }
         mem.state = state;
+        mem.severity = Some(severity);
         mem.acknowledged_by = acked_by;
         if !out.is_empty() {
             mem.last_told_ns = wall.as_nanos();
@@ -358,9 +384,12 @@ impl Engine {
     /// The notifier's own broker connection came or went.
     pub fn broker(&mut self, connected: bool, now: Instant, wall: UtcNanos) -> Vec<Notification> {
         if connected {
-            self.broker.since = None;
-            // Whatever the interlock did meanwhile, it is judged from now on.
-            self.interlock_seen = now;
+            // The interlock could not be heard meanwhile: its deadline moves by the
+            // outage (not to now: a flapping connection must not hide a dead interlock).
+            if let Some(since) = self.broker.since.take() {
+                self.interlock_seen =
+                    (self.interlock_seen + now.saturating_duration_since(since)).min(now);
+            }
             if std::mem::take(&mut self.broker.told) {
                 return vec![self.note(
                     Kind::Back,
@@ -476,9 +505,15 @@ impl Engine {
                     ),
                 )
             };
+            // As bad as the worst alarm reminded of: it goes where those raises went.
+            let severity = due
+                .iter()
+                .filter_map(|r| self.alarms.get(r).and_then(|m| m.severity))
+                .max()
+                .unwrap_or(Severity::Critical);
             out.push(self.note(
                 Kind::Reminder,
-                Severity::Critical,
+                severity,
                 &about,
                 summary,
                 serde_json::json!({ "alarms": lines }),
@@ -531,21 +566,28 @@ mod tests {
         let w = |s: i64| UtcNanos(1_000_000_000_000 + s * 1_000_000_000);
         let mut e = Engine::new(&cfg(), t0);
         let t = "alarms/dew_point";
-        let raised = e.message(t, &alarm("active", SP, None), t0, w(0));
+        let raised = e.message(t, &alarm("active", SP, None), false, t0, w(0));
         assert_eq!(kinds(&raised), [Kind::Raised]);
         assert_eq!(raised[0].station, "box1");
         assert_eq!(raised[0].details["values"]["bath_temp"], 4.0);
         // The same state again (a republish): nothing.
         assert!(e
-            .message(t, &alarm("active", SP, None), t0, w(1))
+            .message(t, &alarm("active", SP, None), false, t0, w(1))
             .is_empty());
         // HV off taken, pending: not yet; confirmed with LV off: one message for both.
         assert!(e
-            .message(t, &alarm("active", &format!("{SP},{HV}"), None), t0, w(2))
+            .message(
+                t,
+                &alarm("active", &format!("{SP},{HV}"), None),
+                false,
+                t0,
+                w(2)
+            )
             .is_empty());
         let esc = e.message(
             t,
             &alarm("active", &format!("{SP},{HV_OK},{LV_OK}"), None),
+            false,
             t0,
             w(3),
         );
@@ -558,31 +600,91 @@ mod tests {
         );
         let all = format!("{SP},{HV_OK},{LV_OK}");
         assert_eq!(
-            kinds(&e.message(t, &alarm("acknowledged", &all, Some("ana")), t0, w(4))),
+            kinds(&e.message(
+                t,
+                &alarm("acknowledged", &all, Some("ana")),
+                false,
+                t0,
+                w(4)
+            )),
             [Kind::Acknowledged]
         );
         assert!(e
-            .message(t, &alarm("acknowledged", &all, Some("ana")), t0, w(5))
+            .message(
+                t,
+                &alarm("acknowledged", &all, Some("ana")),
+                false,
+                t0,
+                w(5)
+            )
             .is_empty());
         assert_eq!(
-            kinds(&e.message(t, &alarm("cleared", &all, Some("ana")), t0, w(6))),
+            kinds(&e.message(t, &alarm("cleared", &all, Some("ana")), false, t0, w(6))),
             [Kind::Cleared]
         );
         assert!(e
-            .message(t, &alarm("cleared", &all, Some("ana")), t0, w(7))
+            .message(t, &alarm("cleared", &all, Some("ana")), false, t0, w(7))
             .is_empty());
         // Raised again later: a new story.
         assert_eq!(
-            kinds(&e.message(t, &alarm("active", "", None), t0, w(8))),
+            kinds(&e.message(t, &alarm("active", "", None), false, t0, w(8))),
             [Kind::Raised]
         );
         // Summary, replies, commands and garbage are not alarms.
         for topic in ["alarms/summary", "alarms/reply", "alarms/cmd/ack"] {
             assert!(e
-                .message(topic, &alarm("active", "", None), t0, w(9))
+                .message(topic, &alarm("active", "", None), false, t0, w(9))
                 .is_empty());
         }
-        assert!(e.message("alarms/other", b"{garbage", t0, w(9)).is_empty());
+        assert!(e
+            .message("alarms/other", b"{garbage", false, t0, w(9))
+            .is_empty());
+    }
+
+    #[test]
+    fn every_action_result_is_told_once_even_when_pending_at_the_raise() {
+        let t0 = Instant::now();
+        let mut e = Engine::new(&cfg(), t0);
+        let t = "alarms/dew_point";
+        let a = |what: &str, at: &str, result: &str| {
+            format!(r#"{{"do":"{what}","at":"{at}","result":"{result}"}}"#)
+        };
+        let sp = |r: &str| a("chiller_setpoint", "T1", r);
+        let n = e.message(
+            t,
+            &alarm("active", &sp("pending"), None),
+            false,
+            t0,
+            UtcNanos(1),
+        );
+        assert_eq!(kinds(&n), [Kind::Raised]);
+        let failed = sp("failed: not confirmed by julabo within 60 s");
+        let n = e.message(t, &alarm("active", &failed, None), false, t0, UtcNanos(2));
+        assert_eq!(kinds(&n), [Kind::Escalated]);
+        assert!(
+            n[0].summary.contains("chiller_setpoint: failed"),
+            "{}",
+            n[0].summary
+        );
+        // A retry round (new instants): told when settled; the old ones are not again.
+        let again = format!(
+            "{failed},{}",
+            a("chiller_setpoint", "T2", "confirmed after 1.0 s")
+        );
+        let n = e.message(t, &alarm("active", &again, None), false, t0, UtcNanos(3));
+        assert_eq!(kinds(&n), [Kind::Escalated]);
+        assert_eq!(
+            n[0].summary.matches("chiller_setpoint").count(),
+            1,
+            "{}",
+            n[0].summary
+        );
+        assert!(e
+            .message(t, &alarm("active", &again, None), false, t0, UtcNanos(4))
+            .is_empty());
+        // A deleted alarm (empty retained payload) is forgotten: no reminders of it.
+        e.message(t, b"", false, t0, UtcNanos(5));
+        assert!(e.memory().is_empty());
     }
 
     #[test]
@@ -592,6 +694,7 @@ mod tests {
         e.message(
             "alarms/dew_point",
             &alarm("active", SP, None),
+            false,
             t0,
             UtcNanos(1),
         );
@@ -603,6 +706,7 @@ mod tests {
             .message(
                 "alarms/dew_point",
                 &alarm("active", SP, None),
+                false,
                 t0,
                 UtcNanos(2)
             )
@@ -612,6 +716,7 @@ mod tests {
             .message(
                 "alarms/cooling",
                 &alarm("cleared", "", Some("x")),
+                false,
                 t0,
                 UtcNanos(2)
             )
@@ -623,10 +728,11 @@ mod tests {
         let t0 = Instant::now();
         let mut e = Engine::new(&cfg(), t0);
         let s = 1_000_000_000i64;
-        e.message("interlock/permits", b"{}", t0, UtcNanos(0));
+        e.message("interlock/permits", b"{}", false, t0, UtcNanos(0));
         e.message(
             "alarms/dew_point",
             &alarm("active", "", None),
+            false,
             t0,
             UtcNanos(0),
         );
@@ -644,6 +750,7 @@ mod tests {
         e.message(
             "alarms/dew_point",
             &alarm("acknowledged", "", Some("bo")),
+            false,
             t0,
             UtcNanos(1300 * s),
         );
@@ -656,7 +763,7 @@ mod tests {
         let at = |s: u64| t0 + Duration::from_secs(s);
         let w = UtcNanos(0);
         let mut e = Engine::new(&cfg(), t0);
-        e.message("interlock/permits", b"{}", at(0), w);
+        e.message("interlock/permits", b"{}", false, at(0), w);
         assert!(e.tick(at(59), w).is_empty());
         let n = e.tick(at(60), w);
         assert_eq!(kinds(&n), [Kind::Watchdog]);
@@ -666,27 +773,34 @@ mod tests {
             n[0].summary
         );
         assert!(e.tick(at(120), w).is_empty(), "told once");
+        // Neither a retained copy nor an operator's command says the interlock lives.
+        assert!(e
+            .message("interlock/permits", b"{}", true, at(120), w)
+            .is_empty());
+        assert!(e
+            .message("interlock/cmd/refresh", b"", false, at(120), w)
+            .is_empty());
         assert_eq!(
-            kinds(&e.message("interlock/permits", b"{}", at(121), w)),
+            kinds(&e.message("interlock/permits", b"{}", false, at(121), w)),
             [Kind::Back]
         );
         // Offline (last will): after the grace, once; a quick restart is not told.
-        e.message("interlock/online", b"false", at(130), w);
-        e.message("interlock/online", b"true", at(135), w);
+        e.message("interlock/online", b"false", false, at(130), w);
+        e.message("interlock/online", b"true", false, at(135), w);
         assert!(e.tick(at(170), w).is_empty());
-        e.message("dcs/online", b"false", at(200), w);
-        e.message("interlock/online", b"false", at(200), w);
+        e.message("dcs/online", b"false", false, at(200), w);
+        e.message("interlock/online", b"false", false, at(200), w);
         let n = e.tick(at(230), w);
         assert_eq!(kinds(&n), [Kind::Watchdog, Kind::Watchdog]);
         assert!(n.iter().any(|x| x.summary.contains("safety interlock")));
         // Offline told: no separate "silent" notice for the same outage.
         assert!(e.tick(at(400), w).is_empty());
         assert_eq!(
-            kinds(&e.message("dcs/online", b"true", at(401), w)),
+            kinds(&e.message("dcs/online", b"true", false, at(401), w)),
             [Kind::Back]
         );
         // A service not watched is not told.
-        e.message("julabo/online", b"false", at(402), w);
+        e.message("julabo/online", b"false", false, at(402), w);
         // The broker: away longer than the grace, told once, back told.
         e.broker(false, at(500), w);
         assert!(e.tick(at(520), w).is_empty());

@@ -45,6 +45,12 @@ impl RateLimit {
     /// first: nothing is sent past folded messages.
     pub fn admit(&mut self, n: Notification, now: Instant) -> Vec<Notification> {
         let mut out = self.flush(now);
+        // The watchdog is never held back behind a flood: it says the safety chain
+        // itself is in doubt.
+        if matches!(n.kind, Kind::Watchdog | Kind::Back) {
+            out.push(n);
+            return out;
+        }
         if self.folded.is_empty() && self.room(now) {
             self.sent.push_back(now);
             out.push(n);
@@ -88,6 +94,12 @@ impl RateLimit {
             details: serde_json::json!({ "folded": folded.len(), "notifications": lines }),
             at_ns: folded.last().map_or(first.at_ns, |n| n.at_ns),
         }]
+    }
+
+    /// Everything held back, at once (shutdown: nothing is left in memory).
+    pub fn drain(&mut self) -> Vec<Notification> {
+        self.sent.clear();
+        self.flush(Instant::now())
     }
 
     /// How many are held back now.
@@ -150,6 +162,16 @@ mod tests {
         assert_eq!(later.len(), 1);
         assert_eq!(later[0].summary, "rule 2");
         assert_eq!(r.held(), 1);
+        // The watchdog passes a full window; a drain empties what is held.
+        let mut w = n(9);
+        w.kind = Kind::Watchdog;
+        assert_eq!(r.admit(w, t0 + Duration::from_secs(10)).len(), 1);
+        assert_eq!(r.held(), 1);
+        let mut r2 = RateLimit::new(1, Duration::from_secs(10));
+        r2.admit(n(1), t0);
+        r2.admit(n(2), t0);
+        r2.admit(n(3), t0);
+        assert_eq!(r2.drain()[0].details["folded"], 2);
         // One held back alone goes out as itself.
         assert_eq!(r.flush(t0 + Duration::from_secs(20))[0].summary, "rule 3");
     }

@@ -138,7 +138,7 @@ pub async fn run(
                 None => break,
                 Some(SessionEvent::Connected) => engine.broker(true, now, UtcNanos::now()),
                 Some(SessionEvent::Disconnected(_)) => engine.broker(false, now, UtcNanos::now()),
-                Some(SessionEvent::Message(m)) => engine.message(&m.topic, &m.payload, now, UtcNanos::now()),
+                Some(SessionEvent::Message(m)) => engine.message(&m.topic, &m.payload, m.retain, now, UtcNanos::now()),
             },
             _ = tick.tick() => {
                 for r in &mut routes {
@@ -152,7 +152,7 @@ pub async fn run(
                 let channels: Vec<_> = routes.iter().map(|r| {
                     let s = r.outbox.state();
                     json!({"name": r.name, "pending_bytes": s.pending_bytes, "delivered": s.delivered,
-                           "error": s.error, "held_by_rate_limit": r.rate.held()})
+                           "rejected": s.rejected, "error": s.error, "held_by_rate_limit": r.rate.held()})
                 }).collect();
                 session.publish_state(&status_topic, json!({"station": cfg.station, "channels": channels,
                     "time": UtcNanos::now().as_nanos()}).to_string());
@@ -164,6 +164,12 @@ pub async fn run(
         }
         if *engine.memory() != before {
             save(&memory_file, engine.memory());
+        }
+    }
+    // What the rate limits hold goes to the outboxes, as a summary: not lost at a stop.
+    for r in &mut routes {
+        for n in r.rate.drain() {
+            push(r, &n);
         }
     }
     session.shutdown().await;
