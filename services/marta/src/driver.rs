@@ -143,30 +143,22 @@ impl Driver {
     /// poll saw it), writes are read back, and the plant is read again afterwards so
     /// the reply and the status show the result.
     pub async fn execute(&mut self, cmd: MartaCommand) -> Result<(), String> {
-        match cmd {
-            MartaCommand::Refresh => {
-                return if self.poll().await {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "MARTA did not answer: {}",
-                        self.plant.error().unwrap_or("not connected")
-                    ))
-                };
-            }
-            MartaCommand::Reconnect => {
+        if matches!(cmd, MartaCommand::Refresh | MartaCommand::Reconnect) {
+            let what = if cmd == MartaCommand::Reconnect {
                 self.transport.close();
                 self.next_connect = Instant::now();
-                return if self.poll().await {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "reconnect failed: {}",
-                        self.plant.error().unwrap_or("not connected")
-                    ))
-                };
-            }
-            _ => {}
+                "reconnect failed"
+            } else {
+                "MARTA did not answer"
+            };
+            return if self.poll().await {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what}: {}",
+                    self.plant.error().unwrap_or("not connected")
+                ))
+            };
         }
         self.poll().await;
         let ops = commands::plan(

@@ -106,6 +106,8 @@ pub struct Engine {
     silence: Duration,
     grace: Duration,
     alarms: BTreeMap<String, AlarmMemory>,
+    /// The alarms' memory changed since [`Engine::take_changed`].
+    changed: bool,
     interlock_seen: Instant,
     interlock_silent: Absence,
     offline: BTreeMap<String, Absence>,
@@ -130,6 +132,7 @@ impl Engine {
             silence: Duration::from_secs_f64(cfg.timing.interlock_silence_secs),
             grace: Duration::from_secs_f64(cfg.timing.offline_grace_secs),
             alarms: BTreeMap::new(),
+            changed: false,
             interlock_seen: now,
             interlock_silent: Absence::default(),
             offline: BTreeMap::new(),
@@ -149,6 +152,11 @@ impl Engine {
     /// What is remembered of the alarms (to save).
     pub fn memory(&self) -> &BTreeMap<String, AlarmMemory> {
         &self.alarms
+    }
+
+    /// Whether the memory changed since the last call (to save it only then).
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     /// Takes back what was saved before a restart.
@@ -242,7 +250,7 @@ impl Engine {
     fn alarm(&mut self, rule: &str, payload: &[u8], wall: UtcNanos) -> Vec<Notification> {
         if payload.is_empty() {
             // The retained alarm was deleted (a rule removed): nothing to remind of.
-            self.alarms.remove(rule);
+            self.changed |= self.alarms.remove(rule).is_some();
             return Vec::new();
         }
         let Ok(doc) = serde_json::from_slice::<Json>(payload) else {
@@ -377,7 +385,10 @@ impl Engine {
         if !out.is_empty() {
             mem.last_told_ns = wall.as_nanos();
         }
-        self.alarms.insert(rule.to_string(), mem);
+        if prev.as_ref() != Some(&mem) {
+            self.alarms.insert(rule.to_string(), mem);
+            self.changed = true;
+        }
         out
     }
 
@@ -522,6 +533,7 @@ impl Engine {
             for rule in &due {
                 if let Some(m) = self.alarms.get_mut(rule) {
                     m.last_told_ns = now_ns;
+                    self.changed = true;
                 }
             }
         }
@@ -570,6 +582,8 @@ mod tests {
         assert_eq!(kinds(&raised), [Kind::Raised]);
         assert_eq!(raised[0].station, "box1");
         assert_eq!(raised[0].details["values"]["bath_temp"], 4.0);
+        // What was told is to be saved; a republish changes nothing to save.
+        assert!(e.take_changed());
         // The same state again (a republish): nothing.
         assert!(e
             .message(t, &alarm("active", SP, None), false, t0, w(1))
@@ -625,6 +639,8 @@ mod tests {
         assert!(e
             .message(t, &alarm("cleared", &all, Some("ana")), false, t0, w(7))
             .is_empty());
+        assert!(e.take_changed());
+        assert!(!e.take_changed(), "nothing new since");
         // Raised again later: a new story.
         assert_eq!(
             kinds(&e.message(t, &alarm("active", "", None), false, t0, w(8))),

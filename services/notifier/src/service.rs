@@ -130,7 +130,6 @@ pub async fn run(
     tracing::info!(channels = routes.len(), station = %cfg.station, "notifier started");
     loop {
         let now = Instant::now();
-        let before = engine.memory().clone();
         let notes = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -162,7 +161,7 @@ pub async fn run(
         for n in notes {
             dispatch(&mut routes, n, now);
         }
-        if *engine.memory() != before {
+        if engine.take_changed() {
             save(&memory_file, engine.memory());
         }
     }
