@@ -22,6 +22,29 @@ pub struct Observed {
     pub changed: bool,
 }
 
+/// An operator's shelve (ISA-18.2): the alarm's notifications are held until `until`.
+/// It changes nothing of what the interlock does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shelve {
+    /// Who shelved it.
+    pub by: String,
+    /// Why.
+    pub reason: String,
+    /// When.
+    pub at: UtcNanos,
+    /// When it ends by itself.
+    pub until: UtcNanos,
+}
+
+/// How the last shelve ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unshelved {
+    /// Who unshelved it (`None`: it expired).
+    pub by: Option<String>,
+    /// When.
+    pub at: UtcNanos,
+}
+
 /// A rule's alarm.
 #[derive(Debug, Clone)]
 pub struct Alarm {
@@ -43,6 +66,8 @@ pub struct Alarm {
     last_seen: Option<UtcNanos>,
     message: String,
     values: Map<String, Json>,
+    shelved: Option<Shelve>,
+    unshelved: Option<Unshelved>,
 }
 
 impl Alarm {
@@ -61,6 +86,8 @@ impl Alarm {
             last_seen: None,
             message: String::new(),
             values: Map::new(),
+            shelved: None,
+            unshelved: None,
         }
     }
 
@@ -136,6 +163,44 @@ impl Alarm {
         Ok(())
     }
 
+    /// Shelves the alarm's notifications until `until` (again: the new shelve replaces
+    /// the old). Any state: a cleared alarm that chatters may be shelved too.
+    pub fn shelve(&mut self, by: &str, reason: &str, until: UtcNanos, wall: UtcNanos) {
+        self.shelved = Some(Shelve {
+            by: by.to_string(),
+            reason: reason.to_string(),
+            at: wall,
+            until,
+        });
+    }
+
+    /// Ends a shelve before its time.
+    pub fn unshelve(&mut self, by: &str, wall: UtcNanos) -> Result<(), String> {
+        if self.shelved.take().is_none() {
+            return Err(format!("alarm `{}` is not shelved", self.rule));
+        }
+        self.unshelved = Some(Unshelved {
+            by: Some(by.to_string()),
+            at: wall,
+        });
+        Ok(())
+    }
+
+    /// Ends a shelve whose time is over; returns whether it did.
+    pub fn expire(&mut self, wall: UtcNanos) -> bool {
+        if self.shelved.as_ref().is_some_and(|s| wall >= s.until) {
+            self.shelved = None;
+            self.unshelved = Some(Unshelved { by: None, at: wall });
+            return true;
+        }
+        false
+    }
+
+    /// The shelve in force, if any.
+    pub fn shelved(&self) -> Option<&Shelve> {
+        self.shelved.as_ref()
+    }
+
     /// `active`, `acknowledged` or `cleared`.
     pub fn state(&self) -> &'static str {
         match (self.latched, &self.acknowledged) {
@@ -187,8 +252,48 @@ impl Alarm {
             "acknowledged_by": self.acknowledged.as_ref().map(|a| a.0.clone()),
             "acknowledged_at": ts(self.acknowledged.as_ref().map(|a| a.1)),
             "values": self.values,
+            "shelved": self.shelved.as_ref().map(|s| json!({
+                "by": s.by,
+                "reason": s.reason,
+                "at": s.at.to_string(),
+                "until": s.until.to_string(),
+                "until_ns": s.until.as_nanos(),
+            })),
+            "unshelved": self.unshelved.as_ref().map(|u| json!({
+                "by": u.by,
+                "expired": u.by.is_none(),
+                "at": u.at.to_string(),
+                "at_ns": u.at.as_nanos(),
+            })),
             "time": wall.as_nanos(),
         })
+    }
+
+    /// Takes back a shelve from the retained copy after a restart (a restart must not
+    /// end a shelve early, nor make one last longer). Returns whether it did.
+    pub fn restore_shelve(&mut self, retained: &Json, wall: UtcNanos) -> bool {
+        let Some(s) = retained.get("shelved").filter(|s| s.is_object()) else {
+            return false;
+        };
+        let text = |k: &str| {
+            s.get(k)
+                .and_then(Json::as_str)
+                .unwrap_or("unknown")
+                .to_string()
+        };
+        let Some(until) = s.get("until_ns").and_then(Json::as_i64).map(UtcNanos) else {
+            return false;
+        };
+        if self.shelved.is_some() || until <= wall {
+            return false;
+        }
+        self.shelved = Some(Shelve {
+            by: text("by"),
+            reason: text("reason"),
+            at: wall,
+            until,
+        });
+        true
     }
 
     /// Takes back a latched alarm from its retained copy after a restart, so that a
@@ -302,5 +407,35 @@ mod tests {
         b.observe(&ev(Condition::Safe), t0, UtcNanos(44));
         assert_eq!(b.state(), "active", "still needs an acknowledgement");
         assert_eq!(b.to_json(UtcNanos(45))["first_seen_ns"], 42);
+    }
+
+    #[test]
+    fn shelve_expires_or_is_ended_and_survives_a_restart() {
+        let t0 = Instant::now();
+        let mut a = Alarm::new("hot", Severity::Warning, Duration::ZERO);
+        a.observe(&unsafe_(), t0, UtcNanos(1));
+        a.shelve("ana", "sensor swap", UtcNanos(100), UtcNanos(10));
+        let j = a.to_json(UtcNanos(11));
+        assert_eq!(j["shelved"]["by"], "ana");
+        assert_eq!(j["shelved"]["until_ns"], 100);
+        assert_eq!(j["state"], "active", "shelving changes no state");
+        let mut b = Alarm::new("hot", Severity::Warning, Duration::ZERO);
+        assert!(b.restore_shelve(&j, UtcNanos(50)));
+        assert!(!b.expire(UtcNanos(99)));
+        assert!(b.expire(UtcNanos(100)));
+        assert_eq!(b.to_json(UtcNanos(101))["unshelved"]["expired"], true);
+        assert!(b
+            .unshelve("bo", UtcNanos(102))
+            .unwrap_err()
+            .contains("not shelved"));
+        let mut c = Alarm::new("hot", Severity::Warning, Duration::ZERO);
+        assert!(
+            !c.restore_shelve(&j, UtcNanos(100)),
+            "over during the restart"
+        );
+        a.unshelve("bo", UtcNanos(20)).unwrap();
+        let j = a.to_json(UtcNanos(21));
+        assert!(j["shelved"].is_null());
+        assert_eq!(j["unshelved"]["by"], "bo");
     }
 }

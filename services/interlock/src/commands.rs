@@ -1,10 +1,11 @@
-//! Commands: `<alarm_prefix>/cmd/ack` and `<name>/cmd/refresh`. Parsing is pure.
+//! Commands: `<alarm_prefix>/cmd/ack`, `.../shelve`, `.../unshelve` and
+//! `<name>/cmd/refresh`. Parsing is pure; the engine checks rule names and bounds.
 
 use dcs_shared::command::{self, Command, CommandError};
 use serde::Deserialize;
 
 /// `<alarm_prefix>/cmd/...`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum AlarmCommand {
     /// Acknowledge one rule's alarm, or all (`rule: None`).
     Ack {
@@ -13,6 +14,49 @@ pub enum AlarmCommand {
         /// Who acknowledged, for the record.
         operator: String,
     },
+    /// Hold one alarm's notifications for a while (ISA-18.2 shelving).
+    Shelve {
+        /// The rule.
+        rule: String,
+        /// How long, > 0 (the engine bounds it).
+        minutes: f64,
+        /// Who, for the journal.
+        by: String,
+        /// Why, for the journal.
+        reason: String,
+    },
+    /// End a shelve before its time.
+    Unshelve {
+        /// The rule.
+        rule: String,
+        /// Who, for the journal.
+        by: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShelvePayload {
+    rule: String,
+    minutes: f64,
+    by: String,
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnshelvePayload {
+    rule: String,
+    by: String,
+}
+
+/// A required text field, trimmed and bounded.
+fn required(value: &str, field: &str, max: usize) -> Result<String, CommandError> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(CommandError::new(format!("`{field}` must not be empty")));
+    }
+    Ok(command::truncate(v, max))
 }
 
 #[derive(Deserialize)]
@@ -51,8 +95,34 @@ impl Command for AlarmCommand {
                         .unwrap_or_else(|| "unknown".into()),
                 })
             }
+            ["shelve"] => {
+                let p: ShelvePayload = command::json(payload).map_err(|e| {
+                    CommandError::new(format!(
+                        "{}: shelve takes {{\"rule\", \"minutes\", \"by\", \"reason\"}}",
+                        e.0
+                    ))
+                })?;
+                if !(p.minutes.is_finite() && p.minutes > 0.0) {
+                    return Err(CommandError::new("`minutes` must be a number above 0"));
+                }
+                Ok(AlarmCommand::Shelve {
+                    rule: required(&p.rule, "rule", 64)?,
+                    minutes: p.minutes,
+                    by: required(&p.by, "by", 64)?,
+                    reason: required(&p.reason, "reason", 200)?,
+                })
+            }
+            ["unshelve"] => {
+                let p: UnshelvePayload = command::json(payload).map_err(|e| {
+                    CommandError::new(format!("{}: unshelve takes {{\"rule\", \"by\"}}", e.0))
+                })?;
+                Ok(AlarmCommand::Unshelve {
+                    rule: required(&p.rule, "rule", 64)?,
+                    by: required(&p.by, "by", 64)?,
+                })
+            }
             [other, ..] => Err(CommandError::new(format!(
-                "unknown command `{}`: the alarm command is ack",
+                "unknown command `{}`: the alarm commands are ack, shelve, unshelve",
                 command::truncate(other, 40)
             ))),
             [] => Err(CommandError::new("no command")),
@@ -108,5 +178,45 @@ mod tests {
             .0
             .contains("unknown command `reset`"));
         assert!(InterlockCommand::parse(&["refresh"], b"x").is_err());
+    }
+
+    #[test]
+    fn shelve_payloads() {
+        let p = |b: &[u8]| AlarmCommand::parse(&["shelve"], b);
+        assert_eq!(
+            p(br#"{"rule": "dew_point", "minutes": 30, "by": " Ana ", "reason": "sensor swap"}"#)
+                .unwrap(),
+            AlarmCommand::Shelve {
+                rule: "dew_point".into(),
+                minutes: 30.0,
+                by: "Ana".into(),
+                reason: "sensor swap".into()
+            }
+        );
+        let err = |b: &[u8]| p(b).unwrap_err().0;
+        assert!(
+            err(br#"{"rule": "d", "minutes": 30, "by": "a", "reason": " "}"#)
+                .contains("`reason` must not be empty")
+        );
+        assert!(err(br#"{"rule": "d", "minutes": 30, "by": "a"}"#).contains("reason"));
+        assert!(
+            err(br#"{"rule": "d", "minutes": 0, "by": "a", "reason": "r"}"#).contains("above 0")
+        );
+        assert!(
+            err(br#"{"rule": "d", "minutes": -5, "by": "a", "reason": "r"}"#).contains("above 0")
+        );
+        assert!(err(b"dew_point").contains("shelve takes"));
+        let u = |b: &[u8]| AlarmCommand::parse(&["unshelve"], b);
+        assert_eq!(
+            u(br#"{"rule": "dew_point", "by": "Bo"}"#).unwrap(),
+            AlarmCommand::Unshelve {
+                rule: "dew_point".into(),
+                by: "Bo".into()
+            }
+        );
+        assert!(u(br#"{"rule": "dew_point"}"#)
+            .unwrap_err()
+            .0
+            .contains("unshelve takes"));
     }
 }

@@ -30,6 +30,10 @@ pub struct InterlockConfig {
     /// Evaluation and publication timing.
     #[serde(default)]
     pub timing: Timing,
+    /// The longest an operator may shelve an alarm's notifications (`<alarm_prefix>/
+    /// cmd/shelve`), in minutes: a shelve always ends by itself (ISA-18.2).
+    #[serde(default = "default_shelve_max")]
+    pub shelve_max_minutes: f64,
     /// The secret that signs `<name>/permits` (HMAC-SHA256; created, mode 0600, if
     /// missing). Every service that obeys the permit reads the same file. Relative to
     /// this file; the environment variable `DCS_PERMIT_KEY` (the key text) overrides it.
@@ -45,6 +49,9 @@ fn default_name() -> String {
 }
 fn default_alarm_prefix() -> String {
     "alarms".into()
+}
+fn default_shelve_max() -> f64 {
+    24.0 * 60.0
 }
 
 /// The services commanded, by their MQTT names, and how fresh their status must be.
@@ -395,6 +402,12 @@ impl Validate for InterlockConfig {
         }
         if !secs_ok(self.targets.max_age_secs, false) {
             return invalid("targets.max_age_secs", "must be > 0 and at most a year");
+        }
+        if !(self.shelve_max_minutes >= 1.0 && self.shelve_max_minutes <= 7.0 * 24.0 * 60.0) {
+            return invalid(
+                "shelve_max_minutes",
+                "must be 1 .. 10080 (a week): a shelve must end by itself",
+            );
         }
         if self.timing.evaluate_ms == 0 || self.timing.evaluate_ms > 10_000 {
             return invalid("timing.evaluate_ms", "must be 1 .. 10000");

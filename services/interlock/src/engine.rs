@@ -53,6 +53,7 @@ pub struct Interlock {
     last_republish: Instant,
     published: BTreeMap<String, String>,
     permit: PermitSigner,
+    shelve_max_minutes: f64,
 }
 
 /// Signs `<name>/permits`: again whenever it changes and every `every` when it does not.
@@ -114,6 +115,7 @@ impl Interlock {
                 every_ns: (cfg.timing.permit_secs * 1e9) as i64,
                 last: None,
             },
+            shelve_max_minutes: cfg.shelve_max_minutes,
         }
     }
 
@@ -163,6 +165,9 @@ impl Interlock {
                             state = r.alarm.state(),
                             "latched alarm restored from its retained copy"
                         );
+                    }
+                    if r.alarm.restore_shelve(&doc, wall) {
+                        tracing::info!(rule, "shelve restored from the retained alarm");
                     }
                 }
             }
@@ -222,10 +227,26 @@ impl Interlock {
         self.settle(&touched, now, wall)
     }
 
-    /// Time passes: ages, hold times, action deadlines, periodic republication.
+    /// Time passes: ages, hold times, action deadlines, shelves' ends, periodic
+    /// republication.
     pub fn tick(&mut self, now: Instant, wall: UtcNanos) -> Vec<Effect> {
         let all: Vec<usize> = (0..self.rules.len()).collect();
         let mut out = self.settle(&all, now, wall);
+        let mut expired = false;
+        for i in 0..self.rules.len() {
+            if self.rules[i].alarm.expire(wall) {
+                expired = true;
+                tracing::info!(
+                    rule = self.rules[i].name,
+                    state = self.rules[i].alarm.state(),
+                    "shelve expired: the alarm's notifications resume"
+                );
+                out.push(self.alarm_effect(i, wall));
+            }
+        }
+        if expired {
+            self.publish_derived(wall, &mut out);
+        }
         if now.saturating_duration_since(self.last_republish) >= self.republish_every {
             out.extend(self.republish(wall));
         }
@@ -254,17 +275,9 @@ impl Interlock {
     ) -> (Result<(), String>, Vec<Effect>) {
         let mut out = Vec::new();
         let result = match rule {
-            Some(name) => match self.rules.iter().position(|r| r.name == name) {
-                None => Err(format!(
-                    "no rule `{}` (rules: {})",
-                    dcs_shared::command::truncate(name, 40),
-                    self.rules
-                        .iter()
-                        .map(|r| r.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )),
-                Some(i) => {
+            Some(name) => match self.rule_index(name) {
+                Err(e) => Err(e),
+                Ok(i) => {
                     let r = self.rules[i].alarm.acknowledge(operator, wall);
                     if r.is_ok() {
                         tracing::info!(
@@ -296,6 +309,74 @@ impl Interlock {
         };
         self.publish_derived(wall, &mut out);
         (result, out)
+    }
+
+    fn rule_index(&self, name: &str) -> Result<usize, String> {
+        self.rules
+            .iter()
+            .position(|r| r.name == name)
+            .ok_or_else(|| {
+                format!(
+                    "no rule `{}` (rules: {})",
+                    dcs_shared::command::truncate(name, 40),
+                    self.rules
+                        .iter()
+                        .map(|r| r.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+    }
+
+    /// Shelves one alarm's notifications for `minutes` (at most `shelve_max_minutes`).
+    /// Nothing the interlock does changes: rules, actions and permits ignore shelves.
+    pub fn shelve(
+        &mut self,
+        rule: &str,
+        minutes: f64,
+        by: &str,
+        reason: &str,
+        wall: UtcNanos,
+    ) -> (Result<(), String>, Vec<Effect>) {
+        let mut out = Vec::new();
+        let i = match self.rule_index(rule) {
+            Ok(i) => i,
+            Err(e) => return (Err(e), out),
+        };
+        if !(minutes > 0.0 && minutes <= self.shelve_max_minutes) {
+            return (
+                Err(format!(
+                    "minutes must be above 0 and at most {} (shelve_max_minutes)",
+                    self.shelve_max_minutes
+                )),
+                out,
+            );
+        }
+        let until = UtcNanos(wall.as_nanos().saturating_add((minutes * 60e9) as i64));
+        self.rules[i].alarm.shelve(by, reason, until, wall);
+        tracing::info!(rule, by, reason, minutes, until = %until, "alarm shelved");
+        out.push(self.alarm_effect(i, wall));
+        self.publish_derived(wall, &mut out);
+        (Ok(()), out)
+    }
+
+    /// Ends a shelve before its time.
+    pub fn unshelve(
+        &mut self,
+        rule: &str,
+        by: &str,
+        wall: UtcNanos,
+    ) -> (Result<(), String>, Vec<Effect>) {
+        let mut out = Vec::new();
+        let r = self
+            .rule_index(rule)
+            .and_then(|i| self.rules[i].alarm.unshelve(by, wall).map(|()| i));
+        if let Ok(i) = r {
+            tracing::info!(rule, by, "alarm unshelved");
+            out.push(self.alarm_effect(i, wall));
+            self.publish_derived(wall, &mut out);
+        }
+        (r.map(|_| ()), out)
     }
 
     /// `OK`, `ALARM` (an alarm is latched) or `UNKNOWN` (waiting for first values).
@@ -400,7 +481,14 @@ impl Interlock {
         let mut worst: Option<Severity> = None;
         let mut by_rule = serde_json::Map::new();
         let mut conditions = serde_json::Map::new();
+        let mut shelved = serde_json::Map::new();
         for r in &self.rules {
+            if let Some(s) = r.alarm.shelved() {
+                shelved.insert(
+                    r.name.clone(),
+                    json!({"by": s.by, "reason": s.reason, "until": s.until.to_string()}),
+                );
+            }
             let s = r.alarm.state();
             counts[match s {
                 "active" => 0,
@@ -419,6 +507,7 @@ impl Interlock {
             "cleared": counts[2],
             "worst": worst.map_or("none", Severity::as_str),
             "rules": by_rule,
+            "shelved": shelved,
         });
         let status = json!({
             "state": self.state(),
@@ -618,6 +707,144 @@ rules:
             .0
             .unwrap_err()
             .contains("rules: cooling, dew_point"));
+    }
+
+    #[test]
+    fn shelving_is_bounded_shown_and_expires() {
+        let (mut il, t0) = engine();
+        let w = UtcNanos(1_000_000_000_000);
+        let (r, out) = il.shelve("dew_point", 30.0, "ana", "sensor swap", w);
+        r.unwrap();
+        let s = states(&out);
+        assert_eq!(s["alarms/dew_point"]["shelved"]["by"], "ana");
+        assert_eq!(
+            s["alarms/summary"]["shelved"]["dew_point"]["reason"],
+            "sensor swap"
+        );
+        let (r, out) = il.shelve("dew_point", 24.0 * 60.0 + 1.0, "ana", "long", w);
+        assert!(r.unwrap_err().contains("at most 1440"));
+        assert!(out.is_empty(), "a refused shelve changes nothing");
+        let (r, _) = il.shelve("nope", 5.0, "ana", "r", w);
+        assert!(r.unwrap_err().contains("no rule `nope`"));
+        // Not yet over at 29 min; over at 30.
+        let min = |m: i64| UtcNanos(w.as_nanos() + m * 60_000_000_000);
+        assert!(!states(&il.tick(t0, min(29))).contains_key("alarms/dew_point"));
+        let s = states(&il.tick(t0, min(30)));
+        assert!(s["alarms/dew_point"]["shelved"].is_null());
+        assert_eq!(s["alarms/dew_point"]["unshelved"]["expired"], true);
+        assert_eq!(s["alarms/summary"]["shelved"], json!({}));
+        let (r, out) = il.unshelve("dew_point", "bo", min(31));
+        assert!(r.unwrap_err().contains("not shelved"));
+        assert!(out.is_empty());
+    }
+
+    use proptest::prelude::*;
+
+    /// What can happen to the interlock: values, time, operators' commands.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Dew(f64),
+        Bath(f64, bool),
+        Channel(bool, bool),
+        Wait(u64),
+        Ack,
+        Shelve(u8),
+        Unshelve,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (-5.0..15.0f64).prop_map(Step::Dew),
+            ((-40.0..30.0f64), any::<bool>()).prop_map(|(t, r)| Step::Bath(t, r)),
+            (any::<bool>(), any::<bool>()).prop_map(|(l, h)| Step::Channel(l, h)),
+            (0u64..40).prop_map(Step::Wait),
+            Just(Step::Ack),
+            (1u8..60).prop_map(Step::Shelve),
+            Just(Step::Unshelve),
+        ]
+    }
+
+    /// What the interlock does to the lab: the commands it sends, and the permit's
+    /// verdict (the last one signed: re-signing an unchanged verdict is not an act).
+    fn acts(out: &[Effect], verdict: &mut String) -> Vec<String> {
+        out.iter()
+            .filter_map(|e| match e {
+                Effect::Command(c) => Some(format!("{} {}", c.topic, c.payload)),
+                Effect::State { topic, payload } if topic == "interlock/permits" => {
+                    let p: Json = serde_json::from_str(payload).unwrap();
+                    *verdict = format!("{} {}", p["lv_on"], p["reasons"]);
+                    None
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Shelving (ISA-18.2) silences people, never the interlock: the same events
+        /// with and without shelve commands give the same commands and permits.
+        #[test]
+        fn shelving_never_changes_what_the_interlock_does(
+            steps in proptest::collection::vec(step(), 1..60)
+        ) {
+            let (mut plain, t0) = engine();
+            let (mut shelved, _) = engine();
+            let mut secs = 0u64;
+            let mut wall = 1_000_000_000_000i64;
+            let (mut plain_verdict, mut shelved_verdict) = (String::new(), String::new());
+            acts(&plain.republish(UtcNanos(wall)), &mut plain_verdict);
+            acts(&shelved.republish(UtcNanos(wall)), &mut shelved_verdict);
+            for s in steps {
+                let now = t0 + Duration::from_secs(secs);
+                let w = UtcNanos(wall);
+                let msg = match &s {
+                    Step::Dew(d) => Some(("ESP01/sensors/BME/dew".to_string(), format!("{d}"))),
+                    Step::Bath(t, r) => Some(("julabo/status".to_string(), format!(
+                        r#"{{"internal_temp":{t},"running":{r},"setpoint_1":{t},"used_setpoint":1}}"#))),
+                    Step::Channel(l, h) => Some(("dcs/channels/0".to_string(), format!(
+                        r#"{{"module":"m","lv_status":{},"hv_status":{}}}"#, u8::from(*l), u8::from(*h)))),
+                    _ => None,
+                };
+                let (a, b) = match s {
+                    Step::Wait(d) => {
+                        secs += d;
+                        wall += i64::try_from(d).unwrap() * 1_000_000_000;
+                        let now = t0 + Duration::from_secs(secs);
+                        let w = UtcNanos(wall);
+                        (plain.tick(now, w), shelved.tick(now, w))
+                    }
+                    Step::Ack => (
+                        plain.acknowledge(None, "op", w).1,
+                        shelved.acknowledge(None, "op", w).1,
+                    ),
+                    Step::Shelve(m) => {
+                        let rule = if m % 2 == 0 { "dew_point" } else { "cooling" };
+                        let (r, out) = shelved.shelve(rule, f64::from(m) / 60.0, "op", "test", w);
+                        prop_assert!(r.is_ok());
+                        (Vec::new(), out)
+                    }
+                    Step::Unshelve => (
+                        Vec::new(),
+                        shelved.unshelve("dew_point", "op", w).1,
+                    ),
+                    _ => {
+                        let (topic, payload) = msg.unwrap();
+                        (
+                            plain.on_message(&topic, payload.as_bytes(), false, now, w),
+                            shelved.on_message(&topic, payload.as_bytes(), false, now, w),
+                        )
+                    }
+                };
+                prop_assert_eq!(
+                    acts(&a, &mut plain_verdict),
+                    acts(&b, &mut shelved_verdict),
+                    "after {:?}",
+                    s
+                );
+                prop_assert_eq!(&plain_verdict, &shelved_verdict, "after {:?}", s);
+                prop_assert_eq!(plain.state(), shelved.state());
+            }
+        }
     }
 
     #[test]

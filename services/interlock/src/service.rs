@@ -68,6 +68,16 @@ pub async fn run(
                                 apply(&session, effects);
                                 r
                             }
+                            Ok(AlarmCommand::Shelve { rule, minutes, by, reason }) => {
+                                let (r, effects) = engine.shelve(&rule, minutes, &by, &reason, wall);
+                                apply(&session, effects);
+                                r
+                            }
+                            Ok(AlarmCommand::Unshelve { rule, by }) => {
+                                let (r, effects) = engine.unshelve(&rule, &by, wall);
+                                apply(&session, effects);
+                                r
+                            }
                         };
                         reply(&session, &alarm_prefix, &msg, result, engine.state()).await;
                         continue;
