@@ -32,6 +32,9 @@ pub struct NotifierConfig {
     pub channels: Vec<ChannelConfig>,
     /// Directory of the durable outboxes (one per channel) and the notifier's memory.
     pub state_dir: PathBuf,
+    /// Where the alarm journal is kept.
+    #[serde(default)]
+    pub journal: JournalConfig,
     /// Broker settings when run alone (`dcs up` passes the stack's).
     #[serde(default)]
     pub mqtt: MqttSettings,
@@ -59,6 +62,9 @@ pub struct Timing {
     /// A service (or the broker) away for this long is notified; shorter absences (a
     /// restart) are not.
     pub offline_grace_secs: f64,
+    /// `HH:MM` local time: a daily message, "all quiet" or what is open (severity
+    /// `info`). Unset: none.
+    pub daily_at: Option<String>,
 }
 
 impl Default for Timing {
@@ -67,7 +73,60 @@ impl Default for Timing {
             reminder_secs: 3600.0,
             interlock_silence_secs: 60.0,
             offline_grace_secs: 30.0,
+            daily_at: None,
         }
+    }
+}
+
+impl Timing {
+    /// `daily_at` as a time of day.
+    pub fn daily(&self) -> Result<Option<chrono::NaiveTime>, String> {
+        self.daily_at
+            .as_deref()
+            .map(|t| {
+                chrono::NaiveTime::parse_from_str(t.trim(), "%H:%M")
+                    .map_err(|_| format!("`{t}` is not a time of day as HH:MM (local time)"))
+            })
+            .transpose()
+    }
+}
+
+/// The alarm journal (`journal:`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    /// MongoDB connection string; `DCS_MONGODB_URI` overrides it. Empty: the journal is
+    /// the JSON-lines `file`.
+    pub mongodb_uri: String,
+    /// Database.
+    pub database: String,
+    /// Collection.
+    pub collection: String,
+    /// Server selection and connect timeout.
+    pub timeout_secs: f64,
+    /// The JSON-lines journal when there is no database (relative to `state_dir`).
+    pub file: PathBuf,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            mongodb_uri: String::new(),
+            database: "dcs".into(),
+            collection: "alarm_journal".into(),
+            timeout_secs: 5.0,
+            file: "journal.jsonl".into(),
+        }
+    }
+}
+
+impl JournalConfig {
+    /// The MongoDB URI with `DCS_MONGODB_URI` applied; `None`: the file.
+    pub fn uri(&self) -> Option<String> {
+        std::env::var("DCS_MONGODB_URI")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+            .or_else(|| Some(self.mongodb_uri.clone()).filter(|u| !u.trim().is_empty()))
     }
 }
 
@@ -263,6 +322,25 @@ impl Validate for NotifierConfig {
                 return invalid(k, format!("must be {lo} .. 604800 s"));
             }
         }
+        if let Err(m) = t.daily() {
+            return invalid("timing.daily_at", m);
+        }
+        let j = &self.journal;
+        let scheme_ok = ["mongodb://", "mongodb+srv://"]
+            .iter()
+            .any(|p| j.mongodb_uri.starts_with(p));
+        if !j.mongodb_uri.is_empty() && !scheme_ok {
+            return invalid(
+                "journal.mongodb_uri",
+                "must start with mongodb:// or mongodb+srv://",
+            );
+        }
+        if !(j.timeout_secs.is_finite() && (0.1..=300.0).contains(&j.timeout_secs)) {
+            return invalid("journal.timeout_secs", "must be 0.1 .. 300 s");
+        }
+        if j.file.as_os_str().is_empty() || j.database.is_empty() || j.collection.is_empty() {
+            return invalid("journal", "file, database and collection must not be empty");
+        }
         if self.channels.is_empty() {
             return invalid(
                 "channels",
@@ -434,6 +512,21 @@ mod tests {
                 GOOD.replace("name: chat", "name: .."),
                 "channels[1].name",
                 "must not start",
+            ),
+            (
+                format!("timing: {{daily_at: '8h'}}\n{GOOD}"),
+                "timing.daily_at",
+                "HH:MM",
+            ),
+            (
+                format!("journal: {{mongodb_uri: 'localhost:27017'}}\n{GOOD}"),
+                "journal.mongodb_uri",
+                "mongodb://",
+            ),
+            (
+                format!("journal: {{collection: alarms, colection: x}}\n{GOOD}"),
+                "journal.colection",
+                "unknown field",
             ),
             (
                 format!("timing: {{interlock_silence_secs: 5}}\n{GOOD}"),

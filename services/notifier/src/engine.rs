@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use crate::config::{NotifierConfig, Severity};
+use crate::journal::{rfc3339, Entry};
 
 /// What a notification is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +35,12 @@ pub enum Kind {
     Back,
     /// Notifications held back by a channel's rate limit, counted.
     Folded,
+    /// An operator shelved the alarm's notifications (ISA-18.2).
+    Shelved,
+    /// The shelve ended (expired, or unshelved by an operator).
+    Unshelved,
+    /// The daily message: all quiet, or what is open.
+    Daily,
 }
 
 impl Kind {
@@ -48,6 +55,9 @@ impl Kind {
             Kind::Watchdog => "WATCHDOG",
             Kind::Back => "BACK",
             Kind::Folded => "FOLDED",
+            Kind::Shelved => "SHELVED",
+            Kind::Unshelved => "UNSHELVED",
+            Kind::Daily => "DAILY",
         }
     }
 }
@@ -87,6 +97,9 @@ pub struct AlarmMemory {
     pub severity: Option<Severity>,
     /// UTC ns of the last message about it (reminders count from it).
     pub last_told_ns: i64,
+    /// Shelved until (UTC ns): nothing is told of it meanwhile.
+    #[serde(default)]
+    pub shelved_until: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +125,12 @@ pub struct Engine {
     interlock_silent: Absence,
     offline: BTreeMap<String, Absence>,
     broker: Absence,
+    journal: Vec<Entry>,
+    journal_seq: u64,
+    daily_at: Option<chrono::NaiveTime>,
+    /// The last day the daily message was due (`None` until the first tick).
+    daily_done: Option<chrono::NaiveDate>,
+    events_since_daily: u64,
 }
 
 fn ns_to(d: Duration) -> i64 {
@@ -137,7 +156,37 @@ impl Engine {
             interlock_silent: Absence::default(),
             offline: BTreeMap::new(),
             broker: Absence::default(),
+            journal: Vec::new(),
+            journal_seq: 0,
+            // Validated with the config.
+            daily_at: cfg.timing.daily().ok().flatten(),
+            daily_done: None,
+            events_since_daily: 0,
         }
+    }
+
+    /// The journal entries made since the last call (alarm events, shelving, the
+    /// watchdog; the service adds the deliveries).
+    pub fn take_journal(&mut self) -> Vec<Entry> {
+        std::mem::take(&mut self.journal)
+    }
+
+    /// Records `n` in the journal (`by`: the operator).
+    fn journal(&mut self, n: &Notification, event: &str, by: Option<&str>) {
+        self.journal_seq += 1;
+        self.events_since_daily += 1;
+        self.journal.push(Entry {
+            id: format!("{}-{}", n.at_ns, self.journal_seq),
+            at_ns: n.at_ns,
+            time: rfc3339(n.at_ns),
+            station: n.station.clone(),
+            subject: n.subject_of.clone(),
+            event: event.to_string(),
+            by: by.map(String::from),
+            severity: Some(n.severity.as_str().to_string()),
+            text: n.summary.clone(),
+            details: n.details.clone(),
+        });
     }
 
     /// The topics to follow.
@@ -186,6 +235,32 @@ impl Engine {
 
     /// A message from the broker (`retained`: delivered from the broker's store).
     pub fn message(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        retained: bool,
+        now: Instant,
+        wall: UtcNanos,
+    ) -> Vec<Notification> {
+        let out = self.on_message(topic, payload, retained, now, wall);
+        self.journal_watchdog(&out);
+        out
+    }
+
+    /// The watchdog's notices go to the journal too (alarm events are journaled as
+    /// they are decided, told or not).
+    fn journal_watchdog(&mut self, out: &[Notification]) {
+        for n in out {
+            let event = match n.kind {
+                Kind::Watchdog => "watchdog",
+                Kind::Back => "back",
+                _ => continue,
+            };
+            self.journal(n, event, None);
+        }
+    }
+
+    fn on_message(
         &mut self,
         topic: &str,
         payload: &[u8],
@@ -265,6 +340,12 @@ impl Engine {
         if !matches!(state.as_str(), "active" | "acknowledged" | "cleared") {
             return Vec::new();
         }
+        // The interlock's instant of the change, when it says (the journal's time).
+        let wall = doc
+            .get("time")
+            .and_then(Json::as_i64)
+            .filter(|t| (t - wall.as_nanos()).abs() < 60_000_000_000)
+            .map_or(wall, UtcNanos);
         let severity = match doc.get("severity").and_then(Json::as_str) {
             Some("warning") => Severity::Warning,
             _ => Severity::Critical,
@@ -278,6 +359,10 @@ impl Engine {
             .and_then(Json::as_array)
             .cloned()
             .unwrap_or_default();
+        let shelve = doc.get("shelved").filter(|s| s.is_object());
+        let shelved_until = shelve
+            .and_then(|s| s.get("until_ns"))
+            .and_then(Json::as_i64);
         let details = serde_json::json!({
             "rule": rule,
             "message": doc.get("message"),
@@ -286,10 +371,12 @@ impl Engine {
             "acknowledged_by": acked_by,
             "advice": doc.get("advice"),
             "first_seen": doc.get("first_seen"),
+            "shelved": shelve,
         });
         let prev = self.alarms.get(rule).cloned();
         let mut mem = prev.clone().unwrap_or_default();
-        let mut out = Vec::new();
+        // (notification, journal event, operator)
+        let mut events: Vec<(Notification, &str, Option<String>)> = Vec::new();
         let was_open = prev.as_ref().is_some_and(|p| p.state != "cleared");
         let open = state != "cleared";
         let message = doc
@@ -309,14 +396,46 @@ impl Engine {
                 .and_then(Json::as_str)
                 .is_some_and(|r| r != "pending")
         };
+        // A new shelve (or a new end time) is told first: what follows is held.
+        if shelved_until.is_some() && shelved_until != mem.shelved_until {
+            let text = |k: &str| {
+                shelve
+                    .and_then(|s| s.get(k))
+                    .and_then(Json::as_str)
+                    .unwrap_or("?")
+                    .to_string()
+            };
+            let by = text("by");
+            let mins = (shelved_until.unwrap_or(0) - wall.as_nanos()).max(0) / 60_000_000_000;
+            events.push((
+                self.note(
+                    Kind::Shelved,
+                    severity,
+                    rule,
+                    format!(
+                        "{rule}: notifications shelved by {by} for {mins} min (until {}): {}",
+                        crate::render::when(shelved_until.unwrap_or(0)),
+                        text("reason")
+                    ),
+                    details.clone(),
+                    wall,
+                ),
+                "shelved",
+                Some(by),
+            ));
+        }
         if open && !was_open {
-            out.push(self.note(
-                Kind::Raised,
-                severity,
-                rule,
-                format!("{rule}: {message}"),
-                details.clone(),
-                wall,
+            events.push((
+                self.note(
+                    Kind::Raised,
+                    severity,
+                    rule,
+                    format!("{rule}: {message}"),
+                    details.clone(),
+                    wall,
+                ),
+                "raised",
+                None,
             ));
             // Actions with a result are told with the raise; pending ones when settled.
             mem = AlarmMemory {
@@ -325,6 +444,7 @@ impl Engine {
                     .filter(|a| settled_action(a))
                     .map(key)
                     .collect(),
+                shelved_until: mem.shelved_until,
                 ..AlarmMemory::default()
             };
         } else if open {
@@ -346,42 +466,100 @@ impl Engine {
                         )
                     })
                     .collect();
-                out.push(self.note(
-                    Kind::Escalated,
-                    severity,
-                    rule,
-                    format!("{rule}: {}", done.join("; ")),
-                    details.clone(),
-                    wall,
+                events.push((
+                    self.note(
+                        Kind::Escalated,
+                        severity,
+                        rule,
+                        format!("{rule}: {}", done.join("; ")),
+                        details.clone(),
+                        wall,
+                    ),
+                    "escalated",
+                    None,
                 ));
                 mem.actions_told.extend(new.iter().map(|a| key(a)));
             }
         }
         if let (Some(by), None) = (&acked_by, &mem.acknowledged_by) {
             if prev.is_some() || open {
-                out.push(self.note(
-                    Kind::Acknowledged,
-                    severity,
-                    rule,
-                    format!("{rule}: acknowledged by {by}"),
-                    details.clone(),
-                    wall,
+                events.push((
+                    self.note(
+                        Kind::Acknowledged,
+                        severity,
+                        rule,
+                        format!("{rule}: acknowledged by {by}"),
+                        details.clone(),
+                        wall,
+                    ),
+                    "acknowledged",
+                    Some(by.clone()),
                 ));
             }
         }
         if !open && was_open {
-            out.push(self.note(
-                Kind::Cleared,
-                severity,
-                rule,
-                format!("{rule}: cleared"),
-                details,
-                wall,
+            events.push((
+                self.note(
+                    Kind::Cleared,
+                    severity,
+                    rule,
+                    format!("{rule}: cleared"),
+                    details.clone(),
+                    wall,
+                ),
+                "cleared",
+                None,
             ));
+        }
+        if shelved_until.is_none() && mem.shelved_until.is_some() {
+            let ended = doc.get("unshelved").filter(|u| u.is_object());
+            let by = ended
+                .and_then(|u| u.get("by"))
+                .and_then(Json::as_str)
+                .map(String::from);
+            let how = match &by {
+                Some(b) => format!("unshelved by {b}"),
+                None => "shelve expired".to_string(),
+            };
+            let now = match state.as_str() {
+                "cleared" => "cleared".to_string(),
+                s => format!(
+                    "{s} ({} now)",
+                    doc.get("condition").and_then(Json::as_str).unwrap_or("?")
+                ),
+            };
+            events.push((
+                self.note(
+                    Kind::Unshelved,
+                    severity,
+                    rule,
+                    format!("{rule}: {how}; notifications resume; the alarm is {now}"),
+                    details,
+                    wall,
+                ),
+                if by.is_some() {
+                    "unshelved"
+                } else {
+                    "shelve_expired"
+                },
+                by,
+            ));
+        }
+        // Every event is journaled; while shelved only the shelve's own are told.
+        let held = shelved_until.is_some();
+        let mut out = Vec::new();
+        for (n, event, by) in events {
+            self.journal(&n, event, by.as_deref());
+            if !held || n.kind == Kind::Shelved {
+                out.push(n);
+            } else {
+                tracing::info!(rule, kind = ?n.kind, "shelved: not told");
+            }
         }
         mem.state = state;
         mem.severity = Some(severity);
         mem.acknowledged_by = acked_by;
+        mem.shelved_until = shelved_until;
         if !out.is_empty() {
             mem.last_told_ns = wall.as_nanos();
         }
@@ -394,6 +572,12 @@ impl Engine {
 
     /// The notifier's own broker connection came or went.
     pub fn broker(&mut self, connected: bool, now: Instant, wall: UtcNanos) -> Vec<Notification> {
+        let out = self.on_broker(connected, now, wall);
+        self.journal_watchdog(&out);
+        out
+    }
+
+    fn on_broker(&mut self, connected: bool, now: Instant, wall: UtcNanos) -> Vec<Notification> {
         if connected {
             // The interlock could not be heard meanwhile: its deadline moves by the
             // outage (not to now: a flapping connection must not hide a dead interlock).
@@ -417,8 +601,85 @@ impl Engine {
         Vec::new()
     }
 
-    /// Reminders and the watchdog's deadlines.
+    /// Reminders, the watchdog's deadlines, the daily message.
     pub fn tick(&mut self, now: Instant, wall: UtcNanos) -> Vec<Notification> {
+        let mut out = self.on_tick(now, wall);
+        self.journal_watchdog(&out);
+        out.extend(self.daily(wall));
+        out
+    }
+
+    /// The daily message once `daily_at` (local time) has passed today. A notifier
+    /// started after it sends the next day's.
+    fn daily(&mut self, wall: UtcNanos) -> Option<Notification> {
+        let at = self.daily_at?;
+        let local =
+            chrono::DateTime::from_timestamp_nanos(wall.as_nanos()).with_timezone(&chrono::Local);
+        let today = local.date_naive();
+        let past = local.time() >= at;
+        let Some(done) = self.daily_done else {
+            self.daily_done = Some(if past {
+                today
+            } else {
+                today.pred_opt().unwrap_or(today)
+            });
+            return None;
+        };
+        if !past || done >= today {
+            return None;
+        }
+        self.daily_done = Some(today);
+        let open: Vec<String> = self
+            .alarms
+            .iter()
+            .filter(|(_, m)| m.state != "cleared" || m.shelved_until.is_some())
+            .map(|(r, m)| {
+                let shelved = if m.shelved_until.is_some() {
+                    ", shelved"
+                } else {
+                    ""
+                };
+                format!("{r} ({}{shelved})", m.state)
+            })
+            .collect();
+        let away: Vec<String> = self
+            .offline
+            .iter()
+            .filter(|(_, a)| a.told)
+            .map(|(s, _)| format!("{s} offline"))
+            .chain(
+                self.interlock_silent
+                    .told
+                    .then(|| format!("{} silent", self.interlock)),
+            )
+            .collect();
+        let events = std::mem::take(&mut self.events_since_daily);
+        let summary = if open.is_empty() && away.is_empty() {
+            format!("all quiet: no alarm open, the interlock is publishing; {events} alarm events since the last daily message")
+        } else {
+            let mut parts = Vec::new();
+            if !open.is_empty() {
+                parts.push(format!("{} open: {}", open.len(), open.join(", ")));
+            }
+            if !away.is_empty() {
+                parts.push(away.join(", "));
+            }
+            format!(
+                "not quiet: {}; {events} alarm events since the last daily message",
+                parts.join("; ")
+            )
+        };
+        Some(self.note(
+            Kind::Daily,
+            Severity::Info,
+            "daily",
+            summary,
+            serde_json::json!({ "alarms": open, "away": away, "events": events }),
+            wall,
+        ))
+    }
+
+    fn on_tick(&mut self, now: Instant, wall: UtcNanos) -> Vec<Notification> {
         let mut out = Vec::new();
         let grace = self.grace;
         if let Some(since) = self.broker.since {
@@ -483,6 +744,7 @@ impl Engine {
         for (rule, m) in &self.alarms {
             if m.state == "active"
                 && m.acknowledged_by.is_none()
+                && m.shelved_until.is_none_or(|u| wall.as_nanos() >= u)
                 && wall.as_nanos() - m.last_told_ns >= reminder
             {
                 due.push(rule.clone());
@@ -822,5 +1084,134 @@ mod tests {
         assert!(e.tick(at(520), w).is_empty());
         assert_eq!(kinds(&e.tick(at(530), w)), [Kind::Watchdog]);
         assert_eq!(kinds(&e.broker(true, at(540), w)), [Kind::Back]);
+    }
+
+    fn shelved(state: &str, shelve: &str, unshelved: &str) -> Vec<u8> {
+        format!(
+            r#"{{"rule":"dew_point","severity":"critical","state":"{state}","condition":"unsafe","message":"too wet","actions":[],"acknowledged_by":null,"shelved":{shelve},"unshelved":{unshelved}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_shelved_alarm_is_journaled_but_not_told_until_the_shelve_ends() {
+        let t0 = Instant::now();
+        let w = |s: i64| UtcNanos(1_000_000_000_000 + s * 1_000_000_000);
+        let mut e = Engine::new(&cfg(), t0);
+        let t = "alarms/dew_point";
+        let shelve = format!(
+            r#"{{"by":"ana","reason":"sensor swap","until_ns":{}}}"#,
+            w(3600).as_nanos()
+        );
+        let told = e.message(t, &shelved("cleared", &shelve, "null"), false, t0, w(0));
+        assert_eq!(kinds(&told), [Kind::Shelved]);
+        assert!(
+            told[0].summary.contains("shelved by ana for 60 min"),
+            "{}",
+            told[0].summary
+        );
+        // Raised while shelved: journaled, not told; no reminder either.
+        assert!(e
+            .message(t, &shelved("active", &shelve, "null"), false, t0, w(1))
+            .is_empty());
+        assert!(e.tick(t0, w(1200)).is_empty(), "no reminder while shelved");
+        // The shelve ends (expired): told, with the alarm's state now.
+        let expired = r#"{"by":null,"expired":true,"at_ns":1}"#;
+        let told = e.message(t, &shelved("active", "null", expired), false, t0, w(1300));
+        assert_eq!(kinds(&told), [Kind::Unshelved]);
+        assert!(
+            told[0].summary.contains("shelve expired"),
+            "{}",
+            told[0].summary
+        );
+        assert!(
+            told[0].summary.contains("active (unsafe now)"),
+            "{}",
+            told[0].summary
+        );
+        // Reminders resume, counted from the end of the shelve.
+        assert!(e.tick(t0, w(1800)).is_empty());
+        assert_eq!(kinds(&e.tick(t0, w(1900))), [Kind::Reminder]);
+        let j: Vec<(String, Option<String>)> = e
+            .take_journal()
+            .into_iter()
+            .map(|x| (x.event, x.by))
+            .collect();
+        assert_eq!(
+            j,
+            [
+                ("shelved".to_string(), Some("ana".to_string())),
+                ("raised".to_string(), None),
+                ("shelve_expired".to_string(), None),
+            ]
+        );
+        // Shelved again, then unshelved by someone: both told and journaled by name.
+        let again = e.message(t, &shelved("active", &shelve, "null"), false, t0, w(2000));
+        assert_eq!(kinds(&again), [Kind::Shelved]);
+        let by_bo = r#"{"by":"bo","expired":false,"at_ns":1}"#;
+        let told = e.message(t, &shelved("active", "null", by_bo), false, t0, w(2100));
+        assert!(told[0].summary.contains("unshelved by bo"));
+        let j = e.take_journal();
+        assert_eq!(j[1].event, "unshelved");
+        assert_eq!(j[1].by.as_deref(), Some("bo"));
+    }
+
+    #[test]
+    fn the_daily_message_once_a_day_after_its_hour() {
+        let mut c = cfg();
+        c.timing.daily_at = Some("00:00".into());
+        let t0 = Instant::now();
+        let mut e = Engine::new(&c, t0);
+        // Local midnight of some day, whatever the machine's zone.
+        let day = chrono::NaiveDate::from_ymd_opt(2026, 12, 7).unwrap();
+        let midnight = day
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_local_timezone(chrono::Local)
+            .earliest()
+            .unwrap()
+            .timestamp_nanos_opt()
+            .unwrap();
+        let at = |h: i64| UtcNanos(midnight + h * 3_600_000_000_000);
+        // Started after today's hour: the first is tomorrow's.
+        assert!(e.tick(t0, at(1)).is_empty());
+        assert!(e.tick(t0, at(23)).is_empty());
+        e.message(
+            "alarms/dew_point",
+            &alarm("active", SP, None),
+            false,
+            t0,
+            at(23),
+        );
+        let d: Vec<_> = e
+            .tick(t0, at(25))
+            .into_iter()
+            .filter(|n| n.kind == Kind::Daily)
+            .collect();
+        assert_eq!(d.len(), 1);
+        assert!(
+            d[0].summary
+                .starts_with("not quiet: 1 open: dew_point (active)"),
+            "{}",
+            d[0].summary
+        );
+        assert!(
+            e.tick(t0, at(26)).iter().all(|n| n.kind != Kind::Daily),
+            "once a day"
+        );
+        e.message(
+            "alarms/dew_point",
+            &alarm("cleared", SP, Some("ana")),
+            false,
+            t0,
+            at(30),
+        );
+        let d: Vec<_> = e
+            .tick(t0, at(49))
+            .into_iter()
+            .filter(|n| n.kind == Kind::Daily)
+            .collect();
+        assert!(d[0].summary.starts_with("all quiet"), "{}", d[0].summary);
+        assert!(d[0].summary.contains("2 alarm events"), "{}", d[0].summary);
     }
 }

@@ -5,11 +5,13 @@
 //!
 //! Layers: [`config`], [`engine`] (what to tell, pure), [`ratelimit`] (folding a
 //! flood, pure), [`render`] (subject, text, JSON, pure), [`channel`] (SMTP, webhooks),
-//! [`service`] (MQTT, durable outboxes, delivery).
+//! [`service`] (MQTT, durable outboxes, delivery), [`journal`] (every alarm event,
+//! shelve and delivery, in MongoDB or a JSON-lines file).
 
 pub mod channel;
 pub mod config;
 pub mod engine;
+pub mod journal;
 pub mod ratelimit;
 pub mod render;
 pub mod service;

@@ -30,7 +30,12 @@ pub fn subject(n: &Notification) -> String {
 }
 
 fn what_to_do(n: &Notification) -> String {
-    if let Some(a) = n.details.get("advice").and_then(Json::as_str) {
+    if let Some(a) = n
+        .details
+        .get("advice")
+        .and_then(Json::as_str)
+        .filter(|_| !matches!(n.kind, Kind::Shelved))
+    {
         return a.to_string();
     }
     match n.kind {
@@ -45,6 +50,9 @@ fn what_to_do(n: &Notification) -> String {
         ),
         Kind::Back => "Nothing: it is back. Check that no alarm was missed meanwhile.".into(),
         Kind::Folded => "Many notifications at once: open the alarm summary (alarms/summary, the control panel).".into(),
+        Kind::Shelved => "Nothing is told of this alarm until the shelve ends; the interlock still acts on it. Unshelve early with alarms/cmd/unshelve.".into(),
+        Kind::Unshelved => "Notifications of this alarm resume: if it is still active, find the cause and acknowledge it.".into(),
+        Kind::Daily => "Nothing, if all is quiet; otherwise look at what is open (alarms/summary, the control panel).".into(),
     }
 }
 
@@ -87,7 +95,20 @@ pub fn text(n: &Notification) -> String {
     if let Some(by) = d.get("acknowledged_by").and_then(Json::as_str) {
         out.push_str(&format!("\nAcknowledged by: {by}\n"));
     }
-    if let Some(list) = d.get("alarms").and_then(Json::as_array) {
+    if let Some(s) = d.get("shelved").filter(|s| s.is_object()) {
+        let f = |k: &str| s.get(k).and_then(Json::as_str).unwrap_or("?").to_string();
+        out.push_str(&format!(
+            "\nShelved by {} until {}: {}\n",
+            f("by"),
+            f("until"),
+            f("reason")
+        ));
+    }
+    if let Some(list) = d
+        .get("alarms")
+        .and_then(Json::as_array)
+        .filter(|_| n.kind != Kind::Daily)
+    {
         out.push_str("\nStill active:\n");
         for l in list {
             out.push_str(&format!("  {}\n", l.as_str().unwrap_or("")));

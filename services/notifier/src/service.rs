@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::channel::Channel;
 use crate::config::{NotifierConfig, Severity};
 use crate::engine::{AlarmMemory, Engine, Notification};
+use crate::journal::{rfc3339, Entry, FileJournal, Journal, MongoJournal};
 use crate::ratelimit::RateLimit;
 
 struct Route {
@@ -72,6 +73,55 @@ fn push(r: &Route, n: &Notification) {
     }
 }
 
+/// The journal entry of a delivery attempt.
+fn delivery_entry(n: &Notification, channel: &str, event: &str, error: Option<&str>) -> Entry {
+    let now = UtcNanos::now().as_nanos();
+    Entry {
+        id: format!("{now}-{channel}"),
+        at_ns: now,
+        time: rfc3339(now),
+        station: n.station.clone(),
+        subject: n.subject_of.clone(),
+        event: event.to_string(),
+        by: None,
+        severity: Some(n.severity.as_str().to_string()),
+        text: format!("{} via {channel}: {}", n.kind.as_str(), n.summary),
+        details: json!({"channel": channel, "kind": n.kind, "error": error, "notified_at_ns": n.at_ns}),
+    }
+}
+
+/// Opens the journal: MongoDB through its outbox (delivered by a task in `tasks`), or
+/// the JSON-lines file.
+async fn open_journal(
+    cfg: &NotifierConfig,
+    tasks: &mut tokio::task::JoinSet<()>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Journal> {
+    let Some(uri) = cfg.journal.uri() else {
+        let path = cfg.state_dir.join(&cfg.journal.file);
+        let f = FileJournal::open(&path)
+            .with_context(|| format!("cannot open the alarm journal {}", path.display()))?;
+        tracing::info!(file = %path.display(), "alarm journal in a local file (no MongoDB configured)");
+        return Ok(Journal::File(Arc::new(std::sync::Mutex::new(f))));
+    };
+    // `.journal`: a channel's name cannot start with a dot, so never the same queue.
+    let outbox = Outbox::open(&cfg.state_dir.join("outbox"), ".journal")
+        .context("cannot open the journal's outbox")?;
+    let store = MongoJournal::new(&cfg.journal, &uri)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let store = Arc::new(tokio::sync::Mutex::new(store));
+    tasks.spawn(outbox.clone().deliver(
+        move |record: Vec<u8>| {
+            let store = store.clone();
+            async move { store.lock().await.store(&record).await }
+        },
+        shutdown.clone(),
+    ));
+    tracing::info!(database = %cfg.journal.database, collection = %cfg.journal.collection, "alarm journal in MongoDB");
+    Ok(Journal::Mongo(outbox))
+}
+
 /// Runs until `shutdown`; `file` is the config (relative paths of the channels).
 pub async fn run(
     cfg: NotifierConfig,
@@ -90,6 +140,7 @@ pub async fn run(
     engine.restore(load(&memory_file));
     let mut routes = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
+    let journal = open_journal(&cfg, &mut tasks, &shutdown).await?;
     for c in &cfg.channels {
         let kind = c.kind().context("a channel without email: or webhook:")?;
         let channel = Arc::new(Channel::new(&kind, &file).map_err(anyhow::Error::msg)?);
@@ -97,13 +148,43 @@ pub async fn run(
             .with_context(|| format!("cannot open the outbox of channel {}", c.name))?;
         let deliver = {
             let channel = channel.clone();
+            let journal = journal.clone();
+            let name = c.name.clone();
+            // The first failure of a record is journaled, not every retry.
+            let failing = Arc::new(std::sync::Mutex::new(None::<i64>));
             move |record: Vec<u8>| {
-                let channel = channel.clone();
+                let (channel, journal, name, failing) = (
+                    channel.clone(),
+                    journal.clone(),
+                    name.clone(),
+                    failing.clone(),
+                );
                 async move {
-                    match serde_json::from_slice::<Notification>(&record) {
-                        Ok(n) => channel.send(&n).await,
-                        Err(e) => Delivery::Reject(format!("not a notification: {e}")),
+                    let n = match serde_json::from_slice::<Notification>(&record) {
+                        Ok(n) => n,
+                        Err(e) => return Delivery::Reject(format!("not a notification: {e}")),
+                    };
+                    let d = channel.send(&n).await;
+                    let first_failure = |f: &std::sync::Mutex<Option<i64>>| {
+                        f.lock()
+                            .map(|mut g| g.replace(n.at_ns) != Some(n.at_ns))
+                            .unwrap_or(true)
+                    };
+                    match &d {
+                        Delivery::Done => {
+                            journal.append(&delivery_entry(&n, &name, "notification_sent", None))
+                        }
+                        Delivery::Retry(e) if first_failure(&failing) => journal
+                            .append(&delivery_entry(&n, &name, "notification_failed", Some(e))),
+                        Delivery::Retry(_) => {}
+                        Delivery::Reject(e) => journal.append(&delivery_entry(
+                            &n,
+                            &name,
+                            "notification_rejected",
+                            Some(e),
+                        )),
                     }
+                    d
                 }
             }
         };
@@ -153,11 +234,22 @@ pub async fn run(
                     json!({"name": r.name, "pending_bytes": s.pending_bytes, "delivered": s.delivered,
                            "rejected": s.rejected, "error": s.error, "held_by_rate_limit": r.rate.held()})
                 }).collect();
+                let journal_state = match &journal {
+                    Journal::Mongo(o) => {
+                        let s = o.state();
+                        json!({"store": "mongodb", "pending_bytes": s.pending_bytes, "delivered": s.delivered,
+                               "rejected": s.rejected, "error": s.error})
+                    }
+                    Journal::File(_) => json!({"store": "file"}),
+                };
                 session.publish_state(&status_topic, json!({"station": cfg.station, "channels": channels,
-                    "time": UtcNanos::now().as_nanos()}).to_string());
+                    "journal": journal_state, "time": UtcNanos::now().as_nanos()}).to_string());
                 Vec::new()
             }
         };
+        for e in engine.take_journal() {
+            journal.append(&e);
+        }
         for n in notes {
             dispatch(&mut routes, n, now);
         }
