@@ -4,7 +4,8 @@
 //!   `--simulate`) the hardware simulators, each as a supervised child process;
 //! - `dcs check --config FILE` validates a stack config and every file it names;
 //! - `dcs run NAME --config FILE` runs one component in this process (what `dcs up`
-//!   starts for each child).
+//!   starts for each child);
+//! - `dcs alarms log [--since 12h] [--rule RULE]` prints the alarm journal.
 
 mod components;
 mod launcher;
@@ -61,6 +62,33 @@ enum Cmd {
         /// Check the component's config and exit, as its own binary's `--check`.
         #[arg(long)]
         check: bool,
+    },
+    /// The alarm journal (kept by the notifier).
+    Alarms {
+        #[command(subcommand)]
+        what: Alarms,
+    },
+}
+
+#[derive(Subcommand)]
+enum Alarms {
+    /// Every alarm event, acknowledgement, shelve and notification, oldest first.
+    Log {
+        /// From: `30m`, `12h`, `7d` ago, or an RFC 3339 instant.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only this rule (or service, for the watchdog's entries).
+        #[arg(long)]
+        rule: Option<String>,
+        /// At most this many (the latest); 0: all.
+        #[arg(long, default_value_t = 200)]
+        limit: usize,
+        /// One JSON entry per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Stack config (the `notifier` service's file says where the journal is).
+        #[arg(long, short, default_value = "deploy/dcs.yaml")]
+        config: PathBuf,
     },
 }
 
@@ -138,6 +166,31 @@ fn main() -> ExitCode {
             Err(e) => config_error(e),
             Ok(cfg) => run_time(runtime.block_on(show_run(&cfg, &run_id, json))),
         },
+        Cmd::Alarms {
+            what:
+                Alarms::Log {
+                    since,
+                    rule,
+                    limit,
+                    json,
+                    config,
+                },
+        } => {
+            let query = since
+                .as_deref()
+                .map(|s| notifier::journal::parse_since(s, dcs_shared::UtcNanos::now().as_nanos()))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--since {e}"))
+                .map(|since_ns| notifier::journal::Query {
+                    since_ns,
+                    rule,
+                    limit,
+                });
+            match query.and_then(|q| notifier_config(&config).map(|c| (c, q))) {
+                Err(e) => config_error(e),
+                Ok((cfg, q)) => run_time(runtime.block_on(alarms_log(&cfg, &q, json))),
+            }
+        }
         Cmd::Run { .. } => config_error(anyhow::anyhow!(
             "give a component name (`dcs run NAME`) or `dcs run show RUN_ID`"
         )),
@@ -320,6 +373,70 @@ async fn show_run(cfg: &ph2acf::BridgeConfig, run_id: &str, json: bool) -> anyho
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
         print!("{}", ph2acf::show::render_table(&view));
+    }
+    Ok(())
+}
+
+/// The notifier config `dcs alarms log` reads the journal's place from.
+fn notifier_config(path: &Path) -> anyhow::Result<notifier::NotifierConfig> {
+    let stack = StackConfig::load(path)?;
+    let file = stack
+        .enabled(false)
+        .into_iter()
+        .find(|(c, _)| c.name == "notifier")
+        .and_then(|(_, f)| f)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no `notifier` service in {}: no alarm journal",
+                path.display()
+            )
+        })?;
+    Ok(dcs_shared::program::load::<notifier::Notifier>(&file)?)
+}
+
+/// `dcs alarms log`: from MongoDB when the notifier writes there, else its file.
+async fn alarms_log(
+    cfg: &notifier::NotifierConfig,
+    q: &notifier::journal::Query,
+    json: bool,
+) -> anyhow::Result<()> {
+    use notifier::journal;
+    let entries = match cfg.journal.uri() {
+        Some(uri) => {
+            let store = journal::MongoJournal::new(&cfg.journal, &uri)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            store.query(q).await.map_err(anyhow::Error::msg)?
+        }
+        None => {
+            let path = cfg.state_dir.join(&cfg.journal.file);
+            match journal::read_file(&path, q) {
+                Ok((entries, torn)) => {
+                    if torn > 0 {
+                        eprintln!(
+                            "dcs: {torn} unreadable line(s) skipped in {}",
+                            path.display()
+                        );
+                    }
+                    entries
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    eprintln!(
+                        "dcs: no alarm journal yet ({} does not exist)",
+                        path.display()
+                    );
+                    Vec::new()
+                }
+                Err(e) => anyhow::bail!("cannot read the alarm journal {}: {e}", path.display()),
+            }
+        }
+    };
+    for e in &entries {
+        if json {
+            println!("{}", serde_json::to_string(e)?);
+        } else {
+            println!("{}", journal::render_line(e));
+        }
     }
     Ok(())
 }
