@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def emit(record: dict) -> None:
+    record["t"] = time.time()
     print(json.dumps(record), file=sys.stderr, flush=True)
 
 

@@ -2,7 +2,10 @@
 //! receiver) and the real interlock: a dew-point alarm raised, escalated, acknowledged
 //! and cleared, one message each per channel; a reminder; the SMTP server down while an
 //! alarm is raised (delivered once it is back, once); a flood folded into a summary;
-//! the interlock SIGKILLed (the watchdog tells).
+//! the interlock SIGKILLed (the watchdog tells). Shelving: bad commands refused, a
+//! shelved alarm's notifications held while the interlock still acts, the shelve's end
+//! told. The journal: in the notifier's file and in a MongoDB-wire server (SecantusDB),
+//! read back with `dcs alarms log`.
 //!
 //! Stand-ins, named as such: the test publishes the chiller's and the CAEN channel's
 //! status (`julabo/status`, `dcs/channels/0`) so that the interlock's actions are
@@ -12,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use dcs_integration_tests::db::Mongo;
 use dcs_integration_tests::{
     bin, free_port, repo_root, spawn_until, Broker, BrokerKind, Observer, Proc, PASS, USER,
 };
@@ -77,6 +81,48 @@ fn write(dir: &Path, name: &str, text: String) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
+}
+
+/// `dcs alarms log --json` with a stack config naming `notifier_cfg`, and the args.
+fn alarms_log(
+    dir: &Path,
+    notifier_cfg: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> Vec<Value> {
+    let stack = write(
+        dir,
+        "stack.yaml",
+        format!(
+            "services:\n  notifier: {{config: {}}}\n",
+            notifier_cfg.display()
+        ),
+    );
+    let out = Command::new(bin("dcs"))
+        .args(["alarms", "log", "--json", "--config"])
+        .arg(&stack)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The journal's events, in order.
+fn events(entries: &[Value]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,4 +353,289 @@ async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlo
     );
     println!("alarm -> mail and webhook: {raise_ms} ms (incl. the escalation); kill -> watchdog notice: {watchdog_ms} ms");
     drop(notifier);
+
+    // The journal (a file: no database here) has it all, with who and when.
+    let j = alarms_log(
+        d,
+        &notifier_cfg,
+        &["--rule", "dew_point", "--limit", "0"],
+        &[],
+    );
+    let ev = events(&j);
+    for (event, n) in [
+        ("raised", 2),
+        ("escalated", 1),
+        ("acknowledged", 2),
+        ("cleared", 2),
+    ] {
+        assert!(
+            ev.iter().filter(|e| *e == event).count() >= n,
+            "{event} x{n} in {ev:?}"
+        );
+    }
+    let ack = j.iter().find(|e| e["event"] == "acknowledged").unwrap();
+    assert_eq!(ack["by"], "ana");
+    assert!(ack["at_ns"].as_i64().unwrap() > 1_700_000_000_000_000_000);
+    assert!(ev.iter().any(|e| e == "notification_sent"), "{ev:?}");
+    assert!(
+        j.iter()
+            .any(|e| e["event"] == "notification_failed" && e["details"]["channel"] == "mail"),
+        "the mail outage is journaled: {ev:?}"
+    );
+    let all = alarms_log(d, &notifier_cfg, &["--limit", "0"], &[]);
+    assert!(all
+        .iter()
+        .any(|e| e["event"] == "watchdog" && e["subject"] == "interlock"));
+    let recent = alarms_log(d, &notifier_cfg, &["--since", "1s", "--limit", "0"], &[]);
+    assert!(recent.len() < all.len(), "--since filters");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shelved_alarm_tells_nobody_but_the_interlock_still_acts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let broker = Broker::start(BrokerKind::Dcs);
+    let mongo = Mongo::start();
+    let http_port = free_port();
+    let hook = peer("http", http_port);
+    let mqtt = format!(
+        "mqtt: {{url: {}, username: {USER}, password: {PASS}}}\n",
+        broker.url()
+    );
+    let interlock_cfg = write(
+        d,
+        "interlock.yaml",
+        format!(
+            "name: interlock\npermit_key_file: permit.key\ntargets: {{caen: dcs, chiller: julabo, max_age_secs: 60}}\n\
+             inputs:\n  bath: {{topic: julabo/status, field: internal_temp, max_age_secs: 600}}\n  \
+             dew: {{topic: ESP01/sensors/BME/dew, max_age_secs: 600}}\n\
+             rules:\n  dew_point:\n    kind: dew_point\n    cold: [bath]\n    dew: [dew]\n    margin: 3\n    \
+             actions: [{{do: chiller_setpoint, temp: 20}}, {{do: hv_off, after_secs: 4}}]\n    \
+             confirm_timeout_secs: 5\n{mqtt}"
+        ),
+    );
+    let mongo_uri = format!("mongodb://127.0.0.1:{}", mongo.port);
+    let notifier_cfg = write(
+        d,
+        "notifier.yaml",
+        format!(
+            "station: test-box\nstate_dir: state\n\
+             timing: {{reminder_secs: 3, interlock_silence_secs: 120, offline_grace_secs: 1}}\n\
+             journal: {{mongodb_uri: '{mongo_uri}', collection: journal_test}}\n\
+             channels:\n  - name: chat\n    max_per_window: 100\n    \
+             webhook: {{url: 'http://127.0.0.1:{http_port}/hooks/dcs', format: mattermost}}\n{mqtt}"
+        ),
+    );
+    let mut o = Observer::connect(
+        broker.port,
+        "t-shelve",
+        &["julabo/cmd/#", "dcs/cmd/#", "alarms/#"],
+    )
+    .await;
+    let chiller =
+        |sp: f64| format!(r#"{{"internal_temp":10.0,"setpoint_1":{sp},"used_setpoint":1}}"#);
+    o.publish_acked("julabo/status", true, &chiller(5.0)).await;
+    o.publish_acked(
+        "dcs/channels/0",
+        true,
+        r#"{"module":"m0","lv_status":1,"hv_status":1}"#,
+    )
+    .await;
+    o.publish_acked("ESP01/sensors/BME/dew", true, "0.5").await;
+    let mut cmd = Command::new(bin("interlock"));
+    cmd.arg("--config").arg(&interlock_cfg);
+    let _interlock = spawn_until(cmd, "connected to MQTT broker", WAIT);
+    let mut cmd = Command::new(bin("notifier"));
+    cmd.arg("--config").arg(&notifier_cfg);
+    let notifier = spawn_until(cmd, "connected to MQTT broker", WAIT);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Bad shelve commands: refused with the reason, nothing shelved.
+    for (payload, why) in [
+        (
+            r#"{"rule": "nope", "minutes": 5, "by": "ana", "reason": "x"}"#,
+            "no rule `nope`",
+        ),
+        (
+            r#"{"rule": "dew_point", "minutes": 5000, "by": "ana", "reason": "x"}"#,
+            "at most 1440",
+        ),
+        (
+            r#"{"rule": "dew_point", "minutes": 5, "by": "ana"}"#,
+            "reason",
+        ),
+        (
+            r#"{"rule": "dew_point", "minutes": 5, "by": "ana", "reason": ""}"#,
+            "`reason` must not be empty",
+        ),
+        (
+            r#"{"rule": "dew_point", "minutes": 0, "by": "ana", "reason": "x"}"#,
+            "above 0",
+        ),
+    ] {
+        let r = o.command("alarms", "shelve", payload, WAIT).await;
+        assert_eq!(r["ok"], false, "{payload}: {r}");
+        assert!(r["error"].as_str().unwrap().contains(why), "{payload}: {r}");
+    }
+    let r = o
+        .command(
+            "alarms",
+            "unshelve",
+            r#"{"rule": "dew_point", "by": "ana"}"#,
+            WAIT,
+        )
+        .await;
+    assert!(r["error"].as_str().unwrap().contains("not shelved"), "{r}");
+    let a = o
+        .wait_json("alarms/dew_point", WAIT, "alarm", |_| true)
+        .await;
+    assert!(a["shelved"].is_null(), "{a}");
+
+    // Raised and told; then shelved for 30 s by ana.
+    o.publish_acked("ESP01/sensors/BME/dew", true, "9.0").await;
+    o.wait_for("julabo/cmd/setWT", WAIT, |_| true)
+        .await
+        .expect("the interlock raises the set-point");
+    wait_received(&hook, "raised", |g| count(g, "RAISED") == 1);
+    let r = o
+        .command(
+            "alarms",
+            "shelve",
+            r#"{"rule": "dew_point", "minutes": 0.5, "by": "ana", "reason": "dry-air line swapped"}"#,
+            WAIT,
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let a = o
+        .wait_json("alarms/dew_point", WAIT, "shelved alarm", |a| {
+            a["shelved"].is_object()
+        })
+        .await;
+    assert_eq!(a["shelved"]["by"], "ana");
+    assert_eq!(a["state"], "active");
+    let s = o
+        .wait_json("alarms/summary", WAIT, "summary", |s| {
+            s["shelved"]["dew_point"].is_object()
+        })
+        .await;
+    assert_eq!(s["shelved"]["dew_point"]["reason"], "dry-air line swapped");
+    wait_received(&hook, "the shelve told", |g| count(g, "SHELVED") == 1);
+    let t_shelved = Instant::now();
+
+    // Worse while shelved: the interlock still acts (the set-point is not confirmed
+    // within 5 s: HV off), and nobody is told.
+    o.publish_acked("ESP01/sensors/BME/dew", true, "12.0").await;
+    o.wait_for("dcs/cmd/switch/hv", WAIT, |_| true)
+        .await
+        .expect("the interlock switches HV off although the alarm is shelved");
+    o.publish_acked(
+        "dcs/channels/0",
+        true,
+        r#"{"module":"m0","lv_status":1,"hv_status":0}"#,
+    )
+    .await;
+    // Until the shelve expires (30 s): no escalation, no reminder (every 3 s here).
+    while t_shelved.elapsed() < Duration::from_secs(26) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let held = received(&hook);
+    assert_eq!(
+        (count(&held, "ESCALATED"), count(&held, "STILL ACTIVE")),
+        (0, 0),
+        "{held:#?}"
+    );
+    // The end is told, with the alarm's state; reminders resume.
+    let got = wait_received(&hook, "the shelve's end", |g| count(g, "UNSHELVED") == 1);
+    let end = subjects(&got)
+        .into_iter()
+        .find(|s| s.contains("UNSHELVED"))
+        .unwrap();
+    assert!(
+        end.contains("shelve expired") && end.contains("active"),
+        "{end}"
+    );
+    wait_received(&hook, "a reminder after the shelve", |g| {
+        count(g, "STILL ACTIVE") == 1
+    });
+
+    // Shelved again and unshelved by someone else: told with the name.
+    let r = o
+        .command(
+            "alarms",
+            "shelve",
+            r#"{"rule": "dew_point", "minutes": 60, "by": "ana", "reason": "night"}"#,
+            WAIT,
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    wait_received(&hook, "shelved again", |g| count(g, "SHELVED") == 2);
+    let r = o
+        .command(
+            "alarms",
+            "unshelve",
+            r#"{"rule": "dew_point", "by": "bo"}"#,
+            WAIT,
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let got = wait_received(&hook, "unshelved by bo", |g| count(g, "UNSHELVED") == 2);
+    assert!(subjects(&got).iter().any(|s| s.contains("unshelved by bo")));
+    let r = o
+        .command(
+            "alarms",
+            "ack",
+            r#"{"rule": "dew_point", "operator": "ana"}"#,
+            WAIT,
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    wait_received(&hook, "acknowledged", |g| count(g, "ACKNOWLEDGED") == 1);
+
+    // The journal in MongoDB: everything, told or not, with who.
+    let deadline = Instant::now() + WAIT;
+    let j = loop {
+        let j = alarms_log(
+            d,
+            &notifier_cfg,
+            &["--rule", "dew_point", "--limit", "0"],
+            &[],
+        );
+        if events(&j).iter().any(|e| e == "acknowledged") || Instant::now() > deadline {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    // (Escalations in a row as one: each action's result is an entry.)
+    let mut ev: Vec<String> = events(&j)
+        .into_iter()
+        .filter(|e| !e.starts_with("notification_"))
+        .collect();
+    ev.dedup();
+    assert_eq!(
+        ev,
+        [
+            "raised",
+            "shelved",
+            "escalated",
+            "shelve_expired",
+            "shelved",
+            "unshelved",
+            "acknowledged"
+        ],
+        "{j:#?}"
+    );
+    let by: Vec<&str> = j
+        .iter()
+        .filter(|e| {
+            matches!(
+                e["event"].as_str(),
+                Some("shelved" | "unshelved" | "acknowledged")
+            )
+        })
+        .map(|e| e["by"].as_str().unwrap())
+        .collect();
+    assert_eq!(by, ["ana", "ana", "bo", "ana"]);
+    assert!(j.iter().any(|e| e["event"] == "notification_sent"));
+    drop(notifier);
+    drop(mongo);
 }

@@ -406,14 +406,19 @@ impl Engine {
                     .to_string()
             };
             let by = text("by");
-            let mins = (shelved_until.unwrap_or(0) - wall.as_nanos()).max(0) / 60_000_000_000;
+            let secs = (shelved_until.unwrap_or(0) - wall.as_nanos()).max(0) / 1_000_000_000;
+            let span = if secs < 120 {
+                format!("{secs} s")
+            } else {
+                format!("{} min", (secs + 30) / 60)
+            };
             events.push((
                 self.note(
                     Kind::Shelved,
                     severity,
                     rule,
                     format!(
-                        "{rule}: notifications shelved by {by} for {mins} min (until {}): {}",
+                        "{rule}: notifications shelved by {by} for {span} (until {}): {}",
                         crate::render::when(shelved_until.unwrap_or(0)),
                         text("reason")
                     ),
