@@ -178,6 +178,23 @@ def test_panel_drives_the_simulated_lab(stack, node_red, page):
     wait_panel(page, "CO2_RUNNING", log)
     wait_panel(page, "OK MARTA/cmd/start_co2", log)
 
+    # Shelving from the panel: the interlock takes it, the panel shows who and why, and
+    # the unshelve form ends it.
+    t0 = time.monotonic()
+    pick(page, "Alarm to shelve", "dew_point")
+    page.get_by_label("Minutes (at most 1440)").fill("30")
+    page.get_by_label("Shelved by").fill("panel_test")
+    page.get_by_label("Reason").fill("dry-air line swapped")
+    click(page, "Shelve")
+    obs.wait_json("alarms/summary", lambda s: "dew_point" in s.get("shelved", {}), WAIT, since=t0, log=stack.log)
+    wait_panel(page, "shelved: dew_point by panel_test", log)
+    wait_panel(page, "OK alarms/cmd/shelve", log)
+    pick(page, "Alarm to unshelve", "dew_point")
+    page.get_by_label("Shelve ended by").fill("panel_test")
+    click(page, "Unshelve")
+    obs.wait_json("alarms/summary", lambda s: s.get("shelved") == {}, WAIT, since=t0, log=stack.log)
+    wait_panel(page, "OK alarms/cmd/unshelve", log)
+
     # Every service is listed as online in the services table.
     def rows():
         return [r.split() for r in page.locator("tr").all_inner_texts()]
@@ -206,6 +223,9 @@ def test_panel_offers_what_the_services_allow():
     assert options("form-ph2acf-run", "calibration") == ph2["calibrations"]
     assert options("form-ph2acf-run", "config") == list(ph2["configs"])
     assert sorted(options("form-channel", "channel")) == sorted(caen["channels"])
+    interlock = yaml.safe_load((REPO_ROOT / "deploy/interlock.yaml").read_text())
+    for form in ("form-alarm-shelve", "form-alarm-unshelve"):
+        assert options(form, "rule") == list(interlock["rules"]), form
     # Credentials: only references to the environment, never a secret.
     cred = json.loads((REPO_ROOT / "deploy/node-red/flows_cred.json").read_text())
     for node_cred in cred.values():
@@ -294,7 +314,9 @@ def test_published_payloads_match_the_asyncapi_contract(stack):
            ("ph2acf/cmd/run", '{"calibration": "rm -rf /"}')]
     good = [("dcs/cmd/refresh", ""), ("julabo/cmd/refresh", ""), ("ph2acf/cmd/refresh", ""),
             ("interlock/cmd/refresh", ""), ("alarms/cmd/ack", "all"), ("dcs-launcher/cmd/refresh", ""),
-            ("MARTA/cmd/refresh", ""), ("MARTA/cmd/set_flow_active", "1")]
+            ("MARTA/cmd/refresh", ""), ("MARTA/cmd/set_flow_active", "1"),
+            ("alarms/cmd/shelve", '{"rule": "dew_point", "minutes": 1, "by": "ci", "reason": "contract test"}'),
+            ("alarms/cmd/unshelve", '{"rule": "dew_point", "by": "ci"}')]
     for topic, payload in bad + good:
         obs.publish(topic, payload)
     unchecked = {(t, p.encode()) for t, p in bad}
