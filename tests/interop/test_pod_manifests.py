@@ -98,6 +98,9 @@ def test_deployment_rules(path: Path, tmp_path: Path) -> None:
             assert p.get("hostIP") == "127.0.0.1", f"{name}: port {p} published beyond 127.0.0.1"
         for e in c.get("env", []):
             assert "password" not in e.get("value", "").lower(), f"{name}: literal secret in {e}"
+            # Ours read DCS_*/service-specific names in capitals; a typo is silently unused.
+            if image.startswith("localhost/tracker-dcs/"):
+                assert re.fullmatch(r"[A-Z][A-Z0-9_]*", e["name"]), f"{name}: env name {e['name']!r}"
             ref = e.get("valueFrom", {}).get("secretKeyRef")
             if ref:
                 assert ref["name"] == "tracker-dcs-mqtt" and ref["key"] in keys, f"{name}: {ref}"
@@ -176,3 +179,12 @@ def test_node_red_gets_the_shipped_panel(tmp_path: Path) -> None:
     assert f"--settings {mount}/settings.js" in script
     version = json.loads((panel / "package.json").read_text())["dependencies"]["@flowfuse/node-red-dashboard"]
     assert f"@flowfuse/node-red-dashboard@{version}" in script and f'"version": "{version}"' in script
+
+
+@pytest.mark.parametrize("path", POD_FILES, ids=lambda p: p.name)
+def test_the_notifier_names_its_station(path: Path) -> None:
+    """deploy/notifier.yaml takes the station from DCS_STATION; every message names it."""
+    assert "${DCS_STATION" in (REPO / "deploy/notifier.yaml").read_text()
+    pod = next(d for d in docs(path) if d["kind"] == "Pod")
+    c = next(c for c in pod["spec"]["containers"] if c["name"] == "notifier")
+    assert any(e["name"] == "DCS_STATION" and e.get("value") for e in c["env"]), c["env"]
