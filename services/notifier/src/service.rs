@@ -27,13 +27,23 @@ struct Route {
     outbox: Outbox,
 }
 
-/// Saves what the engine remembers (atomically: a crash leaves the old or the new).
+/// Saves what the engine remembers (atomically and durably: after a crash or a power
+/// cut the file is the old or the new, never empty).
 fn save(path: &Path, memory: &BTreeMap<String, AlarmMemory>) {
+    use std::io::Write;
     let tmp = path.with_extension("tmp");
     let r = serde_json::to_vec_pretty(memory)
         .map_err(std::io::Error::other)
-        .and_then(|b| std::fs::write(&tmp, b))
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|b| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&b)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| match path.parent() {
+            Some(dir) => std::fs::File::open(dir)?.sync_all(),
+            None => Ok(()),
+        });
     if let Err(e) = r {
         tracing::error!(file = %path.display(), error = %e, "cannot save what was notified");
     }
