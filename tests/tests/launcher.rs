@@ -75,66 +75,94 @@ fn broken_configs_are_refused_with_a_precise_message() {
     assert!(text.contains("cannot read file"), "{text}");
 }
 
-/// `dcs up --simulate` with the shipped julabo configs (ports moved to free ones):
-/// the simulator and the driver come up under the launcher and the chiller reports.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_simulate_runs_the_services_with_their_simulators() {
-    let dir = tempfile::tempdir().unwrap();
+/// The shipped simulated stack (deploy/*.yaml: every service and simulator) in `dir`
+/// with every port moved to a free one: the `dcs up --simulate` command and the
+/// broker's port. `services`/`simulators`: the stack's lines naming them.
+fn simulated_stack(dir: &Path, services: &str, simulators: &str) -> (Command, u16) {
     let (p4, sim_port, ctl_port) = (free_port(), free_port(), free_port());
     let deploy = repo_root().join("deploy");
-    let sim_cfg = std::fs::read_to_string(deploy.join("julabo-sim.yaml"))
-        .unwrap()
-        .replace("127.0.0.1:5050", &format!("127.0.0.1:{sim_port}"))
-        .replace("127.0.0.1:5051", &format!("127.0.0.1:{ctl_port}"));
-    std::fs::write(dir.path().join("julabo-sim.yaml"), sim_cfg).unwrap();
-    // The shipped driver config as is (5 s poll): the walk-through below must work
-    // with it.
+    let copy = |f: &str, swaps: &[(&str, String)]| {
+        let mut text = std::fs::read_to_string(deploy.join(f)).unwrap();
+        for (from, to) in swaps {
+            text = text.replace(from, to);
+        }
+        std::fs::write(dir.join(f), text).unwrap();
+    };
+    copy(
+        "julabo-sim.yaml",
+        &[
+            ("127.0.0.1:5050", format!("127.0.0.1:{sim_port}")),
+            ("127.0.0.1:5051", format!("127.0.0.1:{ctl_port}")),
+        ],
+    );
+    // The shipped driver configs as they are (the julabo's 5 s poll included).
     for f in [
         "julabo.yaml",
         "telemetry.yaml",
         "interlock.yaml",
         "env-sim.yaml",
+        "notifier.yaml",
+        "marta.yaml",
+        "marta-registers.yaml",
     ] {
-        std::fs::copy(deploy.join(f), dir.path().join(f)).unwrap();
+        copy(f, &[]);
     }
+    let (modbus, modbus_ctl) = (free_port(), free_port());
+    copy(
+        "marta-sim.yaml",
+        &[
+            ("127.0.0.1:5502", format!("127.0.0.1:{modbus}")),
+            ("127.0.0.1:5503", format!("127.0.0.1:{modbus_ctl}")),
+        ],
+    );
     let (ca_port, beacon_port) = (free_port(), free_port());
-    let caen_cfg = std::fs::read_to_string(deploy.join("caen.yaml"))
-        .unwrap()
-        .replace("port: 15064", &format!("port: {ca_port}"));
-    std::fs::write(dir.path().join("caen.yaml"), caen_cfg).unwrap();
+    copy("caen.yaml", &[("port: 15064", format!("port: {ca_port}"))]);
     let ph2_port = free_port();
     for f in ["ph2acf.yaml", "ph2acf-sim.yaml"] {
-        let text = std::fs::read_to_string(deploy.join(f))
-            .unwrap()
-            .replace("127.0.0.1:5000", &format!("127.0.0.1:{ph2_port}"));
-        std::fs::write(dir.path().join(f), text).unwrap();
+        copy(f, &[("127.0.0.1:5000", format!("127.0.0.1:{ph2_port}"))]);
     }
-    std::fs::create_dir_all(dir.path().join("ph2acf")).unwrap();
+    std::fs::create_dir_all(dir.join("ph2acf")).unwrap();
     std::fs::copy(
         deploy.join("ph2acf/PS_module.xml"),
-        dir.path().join("ph2acf/PS_module.xml"),
+        dir.join("ph2acf/PS_module.xml"),
     )
     .unwrap();
     let config = write_stack(
-        dir.path(),
+        dir,
         p4,
         None,
         None,
-        "services: {caen-fsm: {config: caen.yaml}, julabo: {config: julabo.yaml}, \
-         telemetry: {config: telemetry.yaml}, interlock: {config: interlock.yaml}, \
-         ph2acf-bridge: {config: ph2acf.yaml}}\n\
-         simulators: {caen-sim: {config: caen.yaml}, julabo-sim: {config: julabo-sim.yaml}, \
-         env-sim: {config: env-sim.yaml}, ph2acf-sim: {config: ph2acf-sim.yaml}}\n",
+        &format!("services: {{{services}}}\nsimulators: {{{simulators}}}\n"),
     );
     let mut cmd = Command::new(bin("dcs"));
     cmd.args(["up", "--simulate", "--config"])
         .arg(&config)
         .env("JULABO_PORT", format!("tcp://127.0.0.1:{sim_port}"))
+        .env("MARTA_PORT", modbus.to_string())
         .env("CAEN_CA_ADDR_LIST", format!("127.0.0.1:{ca_port}"))
         .env("EPICS_CAS_BEACON_PORT", beacon_port.to_string())
         .env("EPICS_CA_REPEATER_PORT", beacon_port.to_string())
-        .env("DCS_STATE_DIR", dir.path().join("state"))
-        .env_remove("DCS_INFLUX_URL");
+        .env("DCS_STATE_DIR", dir.join("state"))
+        .env_remove("DCS_INFLUX_URL")
+        .env_remove("DCS_MONGODB_URI")
+        .env_remove("DCS_LOG")
+        .env_remove("RUST_LOG");
+    (cmd, p4)
+}
+
+/// `dcs up --simulate` with the shipped configs (ports moved to free ones): the
+/// simulators and the drivers come up under the launcher and report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_simulate_runs_the_services_with_their_simulators() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cmd, p4) = simulated_stack(
+        dir.path(),
+        "caen-fsm: {config: caen.yaml}, julabo: {config: julabo.yaml}, \
+         telemetry: {config: telemetry.yaml}, interlock: {config: interlock.yaml}, \
+         ph2acf-bridge: {config: ph2acf.yaml}",
+        "caen-sim: {config: caen.yaml}, julabo-sim: {config: julabo-sim.yaml}, \
+         env-sim: {config: env-sim.yaml}, ph2acf-sim: {config: ph2acf-sim.yaml}",
+    );
     let mut up = spawn_until(cmd, "dcs: up;", WAIT);
     let secret = std::fs::read_to_string(dir.path().join("state/secret")).unwrap();
     let mut o = Observer::connect_as(
@@ -308,6 +336,51 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
         .terminate(Duration::from_secs(15))
         .expect("dcs up did not stop within 15 s");
     assert!(status.success(), "{status}");
+}
+
+/// A healthy stack is quiet: the whole shipped simulated stack (every service and
+/// simulator) for 30 s and a clean stop print nothing at WARN or ERROR, and every
+/// component starts once (none crashes and restarts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_stack_is_quiet_from_start_to_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cmd, p4) = simulated_stack(
+        dir.path(),
+        "caen-fsm: {config: caen.yaml}, julabo: {config: julabo.yaml}, \
+         marta: {config: marta.yaml}, telemetry: {config: telemetry.yaml}, \
+         interlock: {config: interlock.yaml}, notifier: {config: notifier.yaml}, \
+         ph2acf-bridge: {config: ph2acf.yaml}",
+        "caen-sim: {config: caen.yaml}, julabo-sim: {config: julabo-sim.yaml}, \
+         marta-sim: {config: marta-sim.yaml}, env-sim: {config: env-sim.yaml}, \
+         ph2acf-sim: {config: ph2acf-sim.yaml}",
+    );
+    let mut up = spawn_until(cmd, "dcs: up;", WAIT);
+    let secret = std::fs::read_to_string(dir.path().join("state/secret")).unwrap();
+    let mut o = Observer::connect_as(p4, "obs", "alice", secret.trim(), &["dcs/status"]).await;
+    o.wait_for("dcs/status", WAIT, |p| p.contains("\"LV_OFF\""))
+        .await
+        .unwrap_or_else(|| panic!("caen-fsm never came up:\n{}", up.stderr_text()));
+    drop(o);
+    // Past the CA beacon ramp (20 ms doubling to 15 s) and a few republish periods.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let status = up
+        .terminate(Duration::from_secs(20))
+        .expect("dcs up did not stop within 20 s");
+    assert!(status.success(), "{status}");
+    let log = up.stderr_text();
+    let loud: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(
+        loud.is_empty(),
+        "a healthy run logged:\n{}\n--- whole log ---\n{log}",
+        loud.join("\n")
+    );
+    assert!(!log.contains("restarting"), "a component restarted:\n{log}");
+    for noisy in ["caen_sim::server: write", "/../"] {
+        assert!(!log.contains(noisy), "`{noisy}` in\n{log}");
+    }
 }
 
 /// Writes a stack config with the embedded broker on `p4` (and optional MQTT 5 and

@@ -388,7 +388,7 @@ fn side_write(
     value: &EpicsValue,
     ctx: &WriteContext,
 ) -> Result<(), CaError> {
-    tracing::info!(pv = name, value = %value, client = %ctx.peer, "write");
+    tracing::debug!(pv = name, value = %value, client = %ctx.peer, "write");
     let mut state = lock(shared);
     let Some(side) = state.sides.get_mut(index) else {
         return Err(CaError::ChannelNotFound(name.to_string()));
@@ -420,7 +420,7 @@ fn side_write(
 /// PV itself stays No.
 fn clear_alarm_hook(shared: Shared, name: String) -> WriteHook {
     Arc::new(move |value: EpicsValue, ctx: WriteContext| {
-        tracing::info!(pv = %name, value = %value, client = %ctx.peer, "write");
+        tracing::debug!(pv = %name, value = %value, client = %ctx.peer, "write");
         let result = match choice(&value, CLEAR_LABELS) {
             Some(1) => {
                 let mut state = lock(&shared);

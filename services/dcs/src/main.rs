@@ -229,8 +229,12 @@ async fn up(path: &Path, simulate: bool) -> anyhow::Result<()> {
     let board = StatusBoard::default();
     let broker_stop = CancellationToken::new();
     let services_stop = CancellationToken::new();
+    // Simulators stop after the services: a driver must not see its hardware vanish
+    // (and warn about it) in a clean stop.
+    let simulators_stop = CancellationToken::new();
     let mut broker_task = None;
     let mut service_tasks = Vec::new();
+    let mut simulator_tasks = Vec::new();
     let mut restarts = HashMap::new();
 
     for (component, _) in stack.enabled(simulate) {
@@ -265,10 +269,15 @@ async fn up(path: &Path, simulate: bool) -> anyhow::Result<()> {
                 }
             }
         } else {
-            service_tasks.push(tokio::spawn(supervisor::supervise(
+            let (stop, tasks) = if component.kind == registry::Kind::Simulator {
+                (&simulators_stop, &mut simulator_tasks)
+            } else {
+                (&services_stop, &mut service_tasks)
+            };
+            tasks.push(tokio::spawn(supervisor::supervise(
                 spec,
                 board.clone(),
-                services_stop.clone(),
+                stop.clone(),
                 rx,
             )));
             println!(
@@ -314,6 +323,10 @@ async fn up(path: &Path, simulate: bool) -> anyhow::Result<()> {
     });
     services_stop.cancel();
     for t in service_tasks {
+        let _ = t.await;
+    }
+    simulators_stop.cancel();
+    for t in simulator_tasks {
         let _ = t.await;
     }
     launcher_stop.cancel();

@@ -317,7 +317,8 @@ fn start_delivery(
                 .await;
             });
         }
-        None => tracing::warn!(dir = %cfg.queue_dir.display(),
+        // A configuration choice (the simulated stack's), said once: not a warning.
+        None => tracing::info!(dir = %cfg.queue_dir.display(),
             "no MongoDB configured (mongodb.uri, DCS_MONGODB_URI): run documents are kept in the queue"),
     }
     match cfg.influx() {
@@ -328,7 +329,7 @@ fn start_delivery(
                 shutdown.clone(),
             ));
         }
-        None => tracing::warn!(dir = %cfg.queue_dir.display(),
+        None => tracing::info!(dir = %cfg.queue_dir.display(),
             "no InfluxDB configured (influx.url, DCS_INFLUX_URL): run markers are kept in the queue"),
     }
 }

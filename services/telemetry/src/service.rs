@@ -75,7 +75,7 @@ pub async fn run(
             )
         }
         None => {
-            tracing::warn!(spool = %s.dir.display(), "no InfluxDB output configured: messages are kept in the spool until one is (set output.url or DCS_INFLUX_URL)");
+            tracing::info!(spool = %s.dir.display(), "no InfluxDB output configured: messages are kept in the spool until one is (set output.url or DCS_INFLUX_URL)");
             stats.set_output("none: spooling only");
             None
         }
