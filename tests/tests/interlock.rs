@@ -454,6 +454,10 @@ async fn hovering_at_the_threshold_does_not_chatter_and_broker_restarts_are_surv
     );
     let _il = start_interlock(dir.path(), &text);
     let mut obs = Observer::connect(broker.port, "board", &["alarms/hot"]).await;
+    // A started interlock publishes its alarms once it has read back its retained ones.
+    obs.wait_for("alarms/hot", WAIT, |_| true)
+        .await
+        .expect("the interlock publishes alarms/hot after its restore window");
     for v in [39.0, 40.2, 39.8, 40.1, 39.5, 40.3, 39.9, 39.0, 40.05] {
         obs.publish("ESP02/sensors/BME/temp", format!("{v}")).await;
         tokio::time::sleep(Duration::from_millis(150)).await;

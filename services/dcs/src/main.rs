@@ -416,6 +416,10 @@ async fn alarms_log(
     use notifier::journal;
     let entries = match cfg.journal.uri() {
         Some(uri) => {
+            eprintln!(
+                "dcs: alarm journal from MongoDB ({}.{})",
+                cfg.journal.database, cfg.journal.collection
+            );
             let store = journal::MongoJournal::new(&cfg.journal, &uri)
                 .await
                 .map_err(anyhow::Error::msg)?;
@@ -423,6 +427,7 @@ async fn alarms_log(
         }
         None => {
             let path = cfg.state_dir.join(&cfg.journal.file);
+            eprintln!("dcs: alarm journal from {}", path.display());
             match journal::read_file(&path, q) {
                 Ok((entries, torn)) => {
                     if torn > 0 {

@@ -256,6 +256,7 @@ impl Alarm {
                 "by": s.by,
                 "reason": s.reason,
                 "at": s.at.to_string(),
+                "at_ns": s.at.as_nanos(),
                 "until": s.until.to_string(),
                 "until_ns": s.until.as_nanos(),
             })),
@@ -270,8 +271,10 @@ impl Alarm {
     }
 
     /// Takes back a shelve from the retained copy after a restart (a restart must not
-    /// end a shelve early, nor make one last longer). Returns whether it did.
-    pub fn restore_shelve(&mut self, retained: &Json, wall: UtcNanos) -> bool {
+    /// end a shelve early, nor make one last longer, nor beyond `max` from now: the
+    /// retained copy is only as trustworthy as whoever may publish it). Returns whether
+    /// it did.
+    pub fn restore_shelve(&mut self, retained: &Json, wall: UtcNanos, max: Duration) -> bool {
         let Some(s) = retained.get("shelved").filter(|s| s.is_object()) else {
             return false;
         };
@@ -281,17 +284,20 @@ impl Alarm {
                 .unwrap_or("unknown")
                 .to_string()
         };
-        let Some(until) = s.get("until_ns").and_then(Json::as_i64).map(UtcNanos) else {
+        let Some(until) = s.get("until_ns").and_then(Json::as_i64) else {
             return false;
         };
-        if self.shelved.is_some() || until <= wall {
+        let latest = wall
+            .as_nanos()
+            .saturating_add(i64::try_from(max.as_nanos()).unwrap_or(i64::MAX));
+        if self.shelved.is_some() || until <= wall.as_nanos() {
             return false;
         }
         self.shelved = Some(Shelve {
             by: text("by"),
             reason: text("reason"),
-            at: wall,
-            until,
+            at: s.get("at_ns").and_then(Json::as_i64).map_or(wall, UtcNanos),
+            until: UtcNanos(until.min(latest)),
         });
         true
     }
@@ -420,7 +426,13 @@ mod tests {
         assert_eq!(j["shelved"]["until_ns"], 100);
         assert_eq!(j["state"], "active", "shelving changes no state");
         let mut b = Alarm::new("hot", Severity::Warning, Duration::ZERO);
-        assert!(b.restore_shelve(&j, UtcNanos(50)));
+        let day = Duration::from_secs(86_400);
+        assert!(b.restore_shelve(&j, UtcNanos(50), day));
+        assert_eq!(
+            b.to_json(UtcNanos(51))["shelved"]["at_ns"],
+            10,
+            "its own instant"
+        );
         assert!(!b.expire(UtcNanos(99)));
         assert!(b.expire(UtcNanos(100)));
         assert_eq!(b.to_json(UtcNanos(101))["unshelved"]["expired"], true);
@@ -430,9 +442,14 @@ mod tests {
             .contains("not shelved"));
         let mut c = Alarm::new("hot", Severity::Warning, Duration::ZERO);
         assert!(
-            !c.restore_shelve(&j, UtcNanos(100)),
+            !c.restore_shelve(&j, UtcNanos(100), day),
             "over during the restart"
         );
+        // A retained copy that says "forever" is cut at the bound.
+        let mut forever = j.clone();
+        forever["shelved"]["until_ns"] = json!(i64::MAX);
+        assert!(c.restore_shelve(&forever, UtcNanos(100), Duration::from_nanos(1000)));
+        assert_eq!(c.to_json(UtcNanos(101))["shelved"]["until_ns"], 1100);
         a.unshelve("bo", UtcNanos(20)).unwrap();
         let j = a.to_json(UtcNanos(21));
         assert!(j["shelved"].is_null());

@@ -49,6 +49,10 @@ pub struct Interlock {
     readers: Vec<Vec<usize>>,
     /// Retained alarms are taken back until then (after a restart).
     restore_until: Instant,
+    /// Alarm documents are not published before the retained ones are taken back: a
+    /// restart must not overwrite a latched or shelved alarm with a cleared one (people
+    /// would be told "cleared", then "raised" again).
+    alarms_held: bool,
     republish_every: Duration,
     last_republish: Instant,
     published: BTreeMap<String, String>,
@@ -105,6 +109,7 @@ impl Interlock {
             rules,
             readers,
             restore_until: now + Duration::from_secs(5),
+            alarms_held: true,
             republish_every: Duration::from_secs_f64(cfg.timing.republish_secs),
             last_republish: now,
             published: BTreeMap::new(),
@@ -148,6 +153,27 @@ impl Interlock {
         now: Instant,
         wall: UtcNanos,
     ) -> Vec<Effect> {
+        let out = self.ingest(topic, payload, retain, now, wall);
+        self.hold(out)
+    }
+
+    /// Drops the alarm documents while they are held (see `alarms_held`).
+    fn hold(&self, mut out: Vec<Effect>) -> Vec<Effect> {
+        if self.alarms_held {
+            let prefix = format!("{}/", self.alarm_prefix);
+            out.retain(|e| !matches!(e, Effect::State { topic, .. } if topic.starts_with(&prefix)));
+        }
+        out
+    }
+
+    fn ingest(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
+        now: Instant,
+        wall: UtcNanos,
+    ) -> Vec<Effect> {
         let mut touched: Vec<usize> = Vec::new();
         if let Some(rule) = topic
             .strip_prefix(self.alarm_prefix.as_str())
@@ -166,7 +192,8 @@ impl Interlock {
                             "latched alarm restored from its retained copy"
                         );
                     }
-                    if r.alarm.restore_shelve(&doc, wall) {
+                    let max = Duration::from_secs_f64(self.shelve_max_minutes * 60.0);
+                    if r.alarm.restore_shelve(&doc, wall, max) {
                         tracing::info!(rule, "shelve restored from the retained alarm");
                     }
                 }
@@ -250,6 +277,12 @@ impl Interlock {
         if now.saturating_duration_since(self.last_republish) >= self.republish_every {
             out.extend(self.republish(wall));
         }
+        let mut out = self.hold(out);
+        if self.alarms_held && now >= self.restore_until {
+            // The retained copies had their chance: every alarm as it stands now.
+            self.alarms_held = false;
+            out.extend(self.republish(wall));
+        }
         out
     }
 
@@ -263,7 +296,7 @@ impl Interlock {
             out.push(self.alarm_effect(i, wall));
         }
         self.publish_derived(wall, &mut out);
-        out
+        self.hold(out)
     }
 
     /// Acknowledges one alarm or all latched ones; the result is the reply's error.
@@ -308,7 +341,7 @@ impl Interlock {
             }
         };
         self.publish_derived(wall, &mut out);
-        (result, out)
+        (result, self.hold(out))
     }
 
     fn rule_index(&self, name: &str) -> Result<usize, String> {
@@ -357,7 +390,7 @@ impl Interlock {
         tracing::info!(rule, by, reason, minutes, until = %until, "alarm shelved");
         out.push(self.alarm_effect(i, wall));
         self.publish_derived(wall, &mut out);
-        (Ok(()), out)
+        (Ok(()), self.hold(out))
     }
 
     /// Ends a shelve before its time.
@@ -376,7 +409,7 @@ impl Interlock {
             out.push(self.alarm_effect(i, wall));
             self.publish_derived(wall, &mut out);
         }
-        (r.map(|_| ()), out)
+        (r.map(|_| ()), self.hold(out))
     }
 
     /// `OK`, `ALARM` (an alarm is latched) or `UNKNOWN` (waiting for first values).
@@ -603,7 +636,11 @@ rules:
         )
         .unwrap();
         let t0 = Instant::now();
-        (Interlock::new(&cfg, t0, UtcNanos::now(), key()), t0)
+        // Started 6 s ago: the retained alarms' window is over at the first tick.
+        let started = t0.checked_sub(Duration::from_secs(6)).unwrap_or(t0);
+        let mut il = Interlock::new(&cfg, started, UtcNanos::now(), key());
+        il.tick(t0, UtcNanos(1));
+        (il, t0)
     }
 
     fn states(e: &[Effect]) -> BTreeMap<String, Json> {
@@ -631,7 +668,7 @@ rules:
         let (mut il, t0) = engine();
         let w = UtcNanos(7);
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let out = il.tick(t0, w);
+        let out = il.republish(w);
         assert_eq!(
             states(&out)["interlock/permits"]["lv_on"],
             false,
@@ -707,6 +744,39 @@ rules:
             .0
             .unwrap_err()
             .contains("rules: cooling, dew_point"));
+    }
+
+    #[test]
+    fn a_restart_publishes_no_alarm_before_taking_back_its_retained_copies() {
+        let cfg: InterlockConfig = dcs_shared::config::from_str(
+            "inputs:\n  dew: {topic: d, max_age_secs: 60}\n  bath: {topic: b, max_age_secs: 60}\n\
+             rules:\n  dew_point: {kind: dew_point, cold: [bath], dew: [dew], margin: 3}\n",
+            std::path::Path::new("t.yaml"),
+        )
+        .unwrap();
+        let t0 = Instant::now();
+        let w = UtcNanos(1_000_000_000_000);
+        let mut il = Interlock::new(&cfg, t0, w, key());
+        let first = il.republish(w);
+        assert!(states(&first).contains_key("interlock/permits"));
+        assert!(!states(&first).contains_key("alarms/dew_point"), "held");
+        // The broker hands back the latched, shelved alarm.
+        let retained = json!({"rule": "dew_point", "state": "active", "message": "wet",
+            "first_seen_ns": 5, "shelved": {"by": "ana", "reason": "r", "at_ns": 7,
+            "until_ns": w.as_nanos() + 600_000_000_000i64}});
+        let out = il.on_message(
+            "alarms/dew_point",
+            retained.to_string().as_bytes(),
+            true,
+            t0,
+            w,
+        );
+        assert!(!states(&out).contains_key("alarms/dew_point"), "still held");
+        let out = il.tick(t0 + Duration::from_secs(5), w);
+        let s = states(&out);
+        assert_eq!(s["alarms/dew_point"]["state"], "active");
+        assert_eq!(s["alarms/dew_point"]["shelved"]["by"], "ana");
+        assert_eq!(s["alarms/summary"]["active"], 1);
     }
 
     #[test]
@@ -868,7 +938,6 @@ rules:
             .accept("interlock/permits", first[0].as_bytes(), wall)
             .unwrap();
         assert!(!p.lv_on, "no values yet: {p:?}");
-        assert_eq!(p.seq, 1);
         // Unchanged: not signed again before permit_secs (10 s by default) ...
         let soon = UtcNanos(wall.as_nanos() + 9_000_000_000);
         assert!(permits(&e.tick(t0, soon)).is_empty());
@@ -879,7 +948,10 @@ rules:
         let p2 = v
             .accept("interlock/permits", again[0].as_bytes(), later)
             .unwrap();
-        assert_eq!((p2.seq, p2.lv_on, &p2.reasons), (2, false, &p.reasons));
+        assert_eq!(
+            (p2.seq, p2.lv_on, &p2.reasons),
+            (p.seq + 1, false, &p.reasons)
+        );
         // A replay of the first is refused by a reader.
         assert!(v
             .accept("interlock/permits", first[0].as_bytes(), later)

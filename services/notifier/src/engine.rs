@@ -127,11 +127,20 @@ pub struct Engine {
     broker: Absence,
     journal: Vec<Entry>,
     journal_seq: u64,
+    /// This process's start (UTC ns): with the sequence, a journal id unique across
+    /// restarts and clock steps.
+    boot_ns: i64,
     daily_at: Option<chrono::NaiveTime>,
     /// The last day the daily message was due (`None` until the first tick).
     daily_done: Option<chrono::NaiveDate>,
     events_since_daily: u64,
 }
+
+/// A week, in ns: the longest shelve the notifier believes.
+const WEEK_NS: i64 = 7 * 86_400 * 1_000_000_000;
+/// How long after a shelve's end the interlock has to say it ended (it checks at every
+/// evaluation, 250 ms) before the notifier stops holding that alarm's messages.
+const GRACE_NS: i64 = 60 * 1_000_000_000;
 
 fn ns_to(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
@@ -158,6 +167,7 @@ impl Engine {
             broker: Absence::default(),
             journal: Vec::new(),
             journal_seq: 0,
+            boot_ns: UtcNanos::now().as_nanos(),
             // Validated with the config.
             daily_at: cfg.timing.daily().ok().flatten(),
             daily_done: None,
@@ -174,9 +184,11 @@ impl Engine {
     /// Records `n` in the journal (`by`: the operator).
     fn journal(&mut self, n: &Notification, event: &str, by: Option<&str>) {
         self.journal_seq += 1;
-        self.events_since_daily += 1;
+        if !matches!(n.kind, Kind::Watchdog | Kind::Back) {
+            self.events_since_daily += 1;
+        }
         self.journal.push(Entry {
-            id: format!("{}-{}", n.at_ns, self.journal_seq),
+            id: format!("{}-e{}", self.boot_ns, self.journal_seq),
             at_ns: n.at_ns,
             time: rfc3339(n.at_ns),
             station: n.station.clone(),
@@ -344,7 +356,7 @@ impl Engine {
         let wall = doc
             .get("time")
             .and_then(Json::as_i64)
-            .filter(|t| (t - wall.as_nanos()).abs() < 60_000_000_000)
+            .filter(|t| t.abs_diff(wall.as_nanos()) < 60_000_000_000)
             .map_or(wall, UtcNanos);
         let severity = match doc.get("severity").and_then(Json::as_str) {
             Some("warning") => Severity::Warning,
@@ -360,9 +372,11 @@ impl Engine {
             .cloned()
             .unwrap_or_default();
         let shelve = doc.get("shelved").filter(|s| s.is_object());
+        // At most a week ahead, whatever the payload says (the interlock bounds it more).
         let shelved_until = shelve
             .and_then(|s| s.get("until_ns"))
-            .and_then(Json::as_i64);
+            .and_then(Json::as_i64)
+            .map(|u| u.min(wall.as_nanos().saturating_add(WEEK_NS)));
         let details = serde_json::json!({
             "rule": rule,
             "message": doc.get("message"),
@@ -406,7 +420,11 @@ impl Engine {
                     .to_string()
             };
             let by = text("by");
-            let secs = (shelved_until.unwrap_or(0) - wall.as_nanos()).max(0) / 1_000_000_000;
+            let secs = shelved_until
+                .unwrap_or(0)
+                .saturating_sub(wall.as_nanos())
+                .max(0)
+                / 1_000_000_000;
             let span = if secs < 120 {
                 format!("{secs} s")
             } else {
@@ -550,8 +568,10 @@ impl Engine {
                 by,
             ));
         }
-        // Every event is journaled; while shelved only the shelve's own are told.
-        let held = shelved_until.is_some();
+        // Every event is journaled; while shelved only the shelve's own are told. A
+        // shelve the interlock has not ended a minute after its time (the interlock
+        // gone?) holds nothing more.
+        let held = shelved_until.is_some_and(|u| wall.as_nanos() < u.saturating_add(GRACE_NS));
         let mut out = Vec::new();
         for (n, event, by) in events {
             self.journal(&n, event, by.as_deref());
@@ -657,6 +677,12 @@ impl Engine {
                     .told
                     .then(|| format!("{} silent", self.interlock)),
             )
+            .chain(
+                self.broker
+                    .since
+                    .is_some()
+                    .then(|| "the MQTT broker unreachable".to_string()),
+            )
             .collect();
         let events = std::mem::take(&mut self.events_since_daily);
         let summary = if open.is_empty() && away.is_empty() {
@@ -749,7 +775,8 @@ impl Engine {
         for (rule, m) in &self.alarms {
             if m.state == "active"
                 && m.acknowledged_by.is_none()
-                && m.shelved_until.is_none_or(|u| wall.as_nanos() >= u)
+                && m.shelved_until
+                    .is_none_or(|u| wall.as_nanos() >= u.saturating_add(GRACE_NS))
                 && wall.as_nanos() - m.last_told_ns >= reminder
             {
                 due.push(rule.clone());
@@ -1106,12 +1133,12 @@ mod tests {
         let t = "alarms/dew_point";
         let shelve = format!(
             r#"{{"by":"ana","reason":"sensor swap","until_ns":{}}}"#,
-            w(3600).as_nanos()
+            w(1300).as_nanos()
         );
         let told = e.message(t, &shelved("cleared", &shelve, "null"), false, t0, w(0));
         assert_eq!(kinds(&told), [Kind::Shelved]);
         assert!(
-            told[0].summary.contains("shelved by ana for 60 min"),
+            told[0].summary.contains("shelved by ana for 22 min"),
             "{}",
             told[0].summary
         );
@@ -1120,9 +1147,12 @@ mod tests {
             .message(t, &shelved("active", &shelve, "null"), false, t0, w(1))
             .is_empty());
         assert!(e.tick(t0, w(1200)).is_empty(), "no reminder while shelved");
+        // Its time is over, the interlock has not said so yet: still nothing.
+        assert!(e.tick(t0, w(1301)).is_empty());
+        assert!(e.tick(t0, w(1340)).is_empty());
         // The shelve ends (expired): told, with the alarm's state now.
         let expired = r#"{"by":null,"expired":true,"at_ns":1}"#;
-        let told = e.message(t, &shelved("active", "null", expired), false, t0, w(1300));
+        let told = e.message(t, &shelved("active", "null", expired), false, t0, w(1341));
         assert_eq!(kinds(&told), [Kind::Unshelved]);
         assert!(
             told[0].summary.contains("shelve expired"),
@@ -1135,8 +1165,8 @@ mod tests {
             told[0].summary
         );
         // Reminders resume, counted from the end of the shelve.
-        assert!(e.tick(t0, w(1800)).is_empty());
-        assert_eq!(kinds(&e.tick(t0, w(1900))), [Kind::Reminder]);
+        assert!(e.tick(t0, w(1900)).is_empty());
+        assert_eq!(kinds(&e.tick(t0, w(1941))), [Kind::Reminder]);
         let j: Vec<(String, Option<String>)> = e
             .take_journal()
             .into_iter()
@@ -1151,7 +1181,11 @@ mod tests {
             ]
         );
         // Shelved again, then unshelved by someone: both told and journaled by name.
-        let again = e.message(t, &shelved("active", &shelve, "null"), false, t0, w(2000));
+        let later = format!(
+            r#"{{"by":"ana","reason":"night","until_ns":{}}}"#,
+            w(9000).as_nanos()
+        );
+        let again = e.message(t, &shelved("active", &later, "null"), false, t0, w(2000));
         assert_eq!(kinds(&again), [Kind::Shelved]);
         let by_bo = r#"{"by":"bo","expired":false,"at_ns":1}"#;
         let told = e.message(t, &shelved("active", "null", by_bo), false, t0, w(2100));

@@ -83,11 +83,17 @@ fn push(r: &Route, n: &Notification) {
     }
 }
 
+/// Numbers the delivery entries of this process (with its start: unique ids).
+static DELIVERIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static BOOT_NS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+
 /// The journal entry of a delivery attempt.
 fn delivery_entry(n: &Notification, channel: &str, event: &str, error: Option<&str>) -> Entry {
     let now = UtcNanos::now().as_nanos();
+    let seq = DELIVERIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let boot = BOOT_NS.get_or_init(|| now);
     Entry {
-        id: format!("{now}-{channel}"),
+        id: format!("{boot}-d{seq}"),
         at_ns: now,
         time: rfc3339(now),
         station: n.station.clone(),
@@ -117,9 +123,17 @@ async fn open_journal(
     // `.journal`: a channel's name cannot start with a dot, so never the same queue.
     let outbox = Outbox::open(&cfg.state_dir.join("outbox"), ".journal")
         .context("cannot open the journal's outbox")?;
-    let store = MongoJournal::new(&cfg.journal, &uri)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let store = match MongoJournal::new(&cfg.journal, &uri).await {
+        Ok(s) => s,
+        Err(e) => {
+            // The journal must never keep alarms from people: the file instead.
+            let path = cfg.state_dir.join(&cfg.journal.file);
+            tracing::error!(error = %e, file = %path.display(), "MongoDB journal unusable: journaling to the local file instead");
+            let f = FileJournal::open(&path)
+                .with_context(|| format!("cannot open the alarm journal {}", path.display()))?;
+            return Ok(Journal::File(Arc::new(std::sync::Mutex::new(f))));
+        }
+    };
     let store = Arc::new(tokio::sync::Mutex::new(store));
     tasks.spawn(outbox.clone().deliver(
         move |record: Vec<u8>| {
@@ -161,7 +175,7 @@ pub async fn run(
             let journal = journal.clone();
             let name = c.name.clone();
             // The first failure of a record is journaled, not every retry.
-            let failing = Arc::new(std::sync::Mutex::new(None::<i64>));
+            let failing = Arc::new(std::sync::Mutex::new(None::<String>));
             move |record: Vec<u8>| {
                 let (channel, journal, name, failing) = (
                     channel.clone(),
@@ -175,11 +189,18 @@ pub async fn run(
                         Err(e) => return Delivery::Reject(format!("not a notification: {e}")),
                     };
                     let d = channel.send(&n).await;
-                    let first_failure = |f: &std::sync::Mutex<Option<i64>>| {
+                    // The record being retried, by its content (several share an instant).
+                    let key = format!("{}/{:?}/{}", n.at_ns, n.kind, n.subject_of);
+                    let first_failure = |f: &std::sync::Mutex<Option<String>>| {
                         f.lock()
-                            .map(|mut g| g.replace(n.at_ns) != Some(n.at_ns))
+                            .map(|mut g| g.replace(key.clone()).as_ref() != Some(&key))
                             .unwrap_or(true)
                     };
+                    if !matches!(d, Delivery::Retry(_)) {
+                        if let Ok(mut g) = failing.lock() {
+                            *g = None;
+                        }
+                    }
                     match &d {
                         Delivery::Done => {
                             journal.append(&delivery_entry(&n, &name, "notification_sent", None))
