@@ -171,7 +171,11 @@ def procs(tmp_path):
     started: list[Proc] = []
 
     def start(name: str, argv: list[str], ports: CaPorts) -> Proc:
-        p = Proc(name, argv, ports.process_env(), tmp_path)
+        env = ports.process_env()
+        # caen-sim's PV writes are logged at debug (quiet in a healthy stack); the
+        # tests read them back.
+        env["DCS_LOG"] = "info,caen_sim::server=debug"
+        p = Proc(name, argv, env, tmp_path)
         started.append(p)
         return p
 

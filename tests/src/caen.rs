@@ -113,6 +113,8 @@ impl CaenSim {
     pub fn restart(&mut self) {
         let mut cmd = Command::new(bin("caen-sim"));
         cmd.arg("--config").arg(&self.config);
+        // Its PV writes (debug: quiet in a healthy stack) are what tests read back.
+        cmd.env("DCS_LOG", "info,caen_sim::server=debug");
         self.ports.apply(&mut cmd);
         self.proc = Some(spawn_until(cmd, "caen-sim: serving", WAIT));
     }

@@ -55,7 +55,13 @@ pub struct Chiller {
     next_open: Instant,
     /// The state last logged.
     logged: State,
+    /// The line was open at least once since the start.
+    ever_open: bool,
 }
+
+/// Failed opens before a chiller (or ser2net tunnel, or simulator) that never answered
+/// since the start is worth a warning: starting together with it is not.
+const STARTUP_ATTEMPTS: u32 = 4;
 
 impl Chiller {
     /// A chiller not yet connected. `cfg` must have been validated.
@@ -74,6 +80,7 @@ impl Chiller {
             backoff: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             next_open: Instant::now(),
             logged: State::Disconnected,
+            ever_open: false,
         })
     }
 
@@ -160,7 +167,14 @@ impl Chiller {
     /// Closes the line (if open) for `why`; it is reopened after the backoff.
     fn lost(&mut self, why: String) {
         let delay = self.backoff.next_delay();
-        if self.link.is_some() || self.line_error.as_deref() != Some(why.as_str()) {
+        if self.link.is_some() {
+            self.ever_open = true;
+        }
+        if !self.ever_open && self.backoff.attempts() < STARTUP_ATTEMPTS {
+            tracing::info!(error = %why, retry_in = ?delay, "chiller not reachable yet");
+        } else if !self.ever_open && self.backoff.attempts() == STARTUP_ATTEMPTS {
+            tracing::warn!(error = %why, retry_in = ?delay, "the chiller has not answered since the start");
+        } else if self.link.is_some() || self.line_error.as_deref() != Some(why.as_str()) {
             tracing::warn!(error = %why, retry_in = ?delay, "chiller disconnected");
         }
         self.link = None;
