@@ -347,6 +347,33 @@ struct Scan {
 
 /// Reads records of one segment from `from`, at most `max` of them, calling `each`.
 /// Stops at the end, at a torn record, or at a length that cannot be right.
+/// The undelivered records of the spool in `dir`, read-only: for a reader beside the
+/// process that owns the spool (`dcs run show` while the bridge runs). Nothing is
+/// changed: no cursor moved, no torn tail cut (a record being written is not returned).
+pub fn pending_records(dir: &Path) -> Result<Vec<Vec<u8>>, SpoolError> {
+    let mut ids: Vec<u64> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
+        .collect();
+    ids.sort_unstable();
+    let cursor = read_cursor(dir).unwrap_or_default();
+    let mut out = Vec::new();
+    for id in ids.into_iter().filter(|id| *id >= cursor.segment) {
+        let from = if id == cursor.segment {
+            cursor.offset
+        } else {
+            0
+        };
+        match scan(&seg_path(dir, id), from, u64::MAX, &mut |rec| out.push(rec)) {
+            Ok(_) => {}
+            // Deleted by the owner meanwhile: delivered.
+            Err(SpoolError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 fn scan(
     path: &Path,
     from: u64,
@@ -563,5 +590,30 @@ mod tests {
         fs::write(d.path().join("cursor"), "not a cursor").unwrap();
         let mut s = Spool::open(cfg(d.path(), 1 << 20, 1 << 20, Overflow::Refuse)).unwrap();
         assert_eq!(drain(&mut s), vec![rec(1)]);
+    }
+
+    #[test]
+    fn pending_records_are_read_without_touching_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SpoolConfig {
+            dir: dir.path().to_path_buf(),
+            segment_bytes: 64,
+            max_bytes: 1 << 20,
+            overflow: Overflow::Refuse,
+        };
+        let mut s = Spool::open(cfg).unwrap();
+        for i in 0..10u8 {
+            s.append(&[i; 20]).unwrap();
+        }
+        s.flush().unwrap();
+        let (first, to) = s.read(3, u64::MAX).unwrap();
+        assert_eq!(first.len(), 3);
+        s.ack(to).unwrap();
+        let before = s.pending_bytes();
+        let got = pending_records(dir.path()).unwrap();
+        assert_eq!(got, (3..10u8).map(|i| vec![i; 20]).collect::<Vec<_>>());
+        assert_eq!(s.pending_bytes(), before, "nothing consumed");
+        let (next, _) = s.read(1, u64::MAX).unwrap();
+        assert_eq!(next, [vec![3u8; 20]]);
     }
 }

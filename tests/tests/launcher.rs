@@ -2,7 +2,7 @@
 //! `dcs up` supervising the broker (crash -> restart), answering on MQTT, stopping
 //! cleanly on SIGTERM.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -78,7 +78,7 @@ fn broken_configs_are_refused_with_a_precise_message() {
 /// The shipped simulated stack (deploy/*.yaml: every service and simulator) in `dir`
 /// with every port moved to a free one: the `dcs up --simulate` command and the
 /// broker's port. `services`/`simulators`: the stack's lines naming them.
-fn simulated_stack(dir: &Path, services: &str, simulators: &str) -> (Command, u16) {
+fn simulated_stack(dir: &Path, services: &str, simulators: &str) -> (Command, u16, PathBuf) {
     let (p4, sim_port, ctl_port) = (free_port(), free_port(), free_port());
     let deploy = repo_root().join("deploy");
     let copy = |f: &str, swaps: &[(&str, String)]| {
@@ -147,7 +147,7 @@ fn simulated_stack(dir: &Path, services: &str, simulators: &str) -> (Command, u1
         .env_remove("DCS_MONGODB_URI")
         .env_remove("DCS_LOG")
         .env_remove("RUST_LOG");
-    (cmd, p4)
+    (cmd, p4, config)
 }
 
 /// `dcs up --simulate` with the shipped configs (ports moved to free ones): the
@@ -155,7 +155,7 @@ fn simulated_stack(dir: &Path, services: &str, simulators: &str) -> (Command, u1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_simulate_runs_the_services_with_their_simulators() {
     let dir = tempfile::tempdir().unwrap();
-    let (cmd, p4) = simulated_stack(
+    let (cmd, p4, config) = simulated_stack(
         dir.path(),
         "caen-fsm: {config: caen.yaml}, julabo: {config: julabo.yaml}, \
          telemetry: {config: telemetry.yaml}, interlock: {config: interlock.yaml}, \
@@ -315,12 +315,52 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
         r#"{"calibration":"pedenoise","config":"PS_module","modules":["PS_26_05-IBA_00001"],"operator":"alice"}"#,
     )
     .await;
-    o.wait_for("ph2acf/status", WAIT, |p| {
-        serde_json::from_str::<serde_json::Value>(p)
-            .is_ok_and(|v| v["state"] == "running" && v["run_number"] == 1)
-    })
-    .await
-    .expect("a calibration runs under the launcher");
+    let g = o
+        .wait_for("ph2acf/status", WAIT, |p| {
+            serde_json::from_str::<serde_json::Value>(p)
+                .is_ok_and(|v| v["state"] == "running" && v["run_number"] == 1)
+        })
+        .await
+        .expect("a calibration runs under the launcher");
+    // No MongoDB here: `dcs run show` finds the run in the bridge's local queue.
+    let run_id = serde_json::from_str::<serde_json::Value>(&g.payload).unwrap()["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let shown = Command::new(bin("dcs"))
+        .args(["run", "show", &run_id, "--json", "--config"])
+        .arg(&config)
+        .env("DCS_STATE_DIR", dir.path().join("state"))
+        .env_remove("DCS_MONGODB_URI")
+        .env_remove("DCS_INFLUX_URL")
+        .output()
+        .unwrap();
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    let view: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert!(
+        view["source"].as_str().unwrap().contains("local queue"),
+        "{view}"
+    );
+    assert_eq!(view["run"]["run_id"], run_id.as_str());
+    assert_eq!(view["run"]["calibration"], "pedenoise");
+    let missing = Command::new(bin("dcs"))
+        .args(["run", "show", "no-such-run", "--config"])
+        .arg(&config)
+        .env("DCS_STATE_DIR", dir.path().join("state"))
+        .env_remove("DCS_MONGODB_URI")
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr)
+            .contains("no run `no-such-run` in the local queue"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
     // No database in the simulated stack: the chiller's status is kept in the spool.
     let g = o
         .wait_for("telemetry/stats", WAIT, |p| {
@@ -344,7 +384,7 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_stack_is_quiet_from_start_to_clean_stop() {
     let dir = tempfile::tempdir().unwrap();
-    let (cmd, p4) = simulated_stack(
+    let (cmd, p4, _) = simulated_stack(
         dir.path(),
         "caen-fsm: {config: caen.yaml}, julabo: {config: julabo.yaml}, \
          marta: {config: marta.yaml}, telemetry: {config: telemetry.yaml}, \

@@ -1,6 +1,7 @@
-//! `dcs run show <run_id>`: the run document from MongoDB joined with the environment
-//! during the run from InfluxDB (the measurements of `environment:`), using the very
-//! instants stored in the document.
+//! `dcs run show <run_id>`: the run document from MongoDB (or, while it waits for a
+//! database, from the bridge's local queue) joined with the environment during the run
+//! from InfluxDB (the measurements of `environment:`), using the very instants stored
+//! in the document.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -12,6 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::BridgeConfig;
+use crate::record::RunRecord;
 use crate::store::MongoStore;
 
 /// One InfluxDB series during the run.
@@ -30,6 +32,8 @@ pub struct Series {
 /// A run and its environment.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunView {
+    /// Where the document was read: MongoDB, or the local queue.
+    pub source: String,
     /// The run document (relaxed extended JSON).
     pub run: Value,
     /// Start and end instants queried, ns.
@@ -95,28 +99,64 @@ pub fn parse_series(answer: &Value) -> Vec<Series> {
     out
 }
 
+/// The latest record of `run_id` still in the bridge's queue for MongoDB (a run has a
+/// record at its start and one at its end), as its document.
+pub fn queued(cfg: &BridgeConfig, run_id: &str) -> anyhow::Result<Option<Document>> {
+    let dir = cfg.queue_dir.join("mongodb");
+    let records = match dcs_shared::spool::pending_records(&dir) {
+        Ok(r) => r,
+        Err(dcs_shared::spool::SpoolError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            Vec::new()
+        }
+        Err(e) => anyhow::bail!("cannot read the queue {}: {e}", dir.display()),
+    };
+    Ok(records
+        .iter()
+        .rev()
+        .filter_map(|b| serde_json::from_slice::<RunRecord>(b).ok())
+        .find(|r| r.run_id == run_id)
+        .map(|r| r.document(true)))
+}
+
 /// Reads run `run_id` and its environment.
 pub async fn fetch(cfg: &BridgeConfig, run_id: &str) -> anyhow::Result<RunView> {
-    let mongo = cfg
-        .mongodb()
-        .ok_or_else(|| anyhow::anyhow!("no MongoDB configured (mongodb.uri or DCS_MONGODB_URI)"))?;
-    let store = MongoStore::new(&mongo).await.map_err(anyhow::Error::msg)?;
-    let doc = store
-        .find(run_id)
-        .await
-        .map_err(anyhow::Error::msg)?
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "no run `{run_id}` in MongoDB ({}.{})",
-                mongo.database,
-                mongo.collection
-            )
-        })?;
+    let queue = cfg.queue_dir.join("mongodb");
+    let (doc, source) = match cfg.mongodb() {
+        Some(mongo) => {
+            let store = MongoStore::new(&mongo).await.map_err(anyhow::Error::msg)?;
+            match store.find(run_id).await.map_err(anyhow::Error::msg)? {
+                Some(doc) => (doc, format!("MongoDB ({}.{})", mongo.database, mongo.collection)),
+                None => match queued(cfg, run_id)? {
+                    Some(doc) => (
+                        doc,
+                        format!("the local queue {} (not yet in MongoDB)", queue.display()),
+                    ),
+                    None => anyhow::bail!(
+                        "no run `{run_id}` in MongoDB ({}.{}) nor in the local queue {}",
+                        mongo.database,
+                        mongo.collection,
+                        queue.display()
+                    ),
+                },
+            }
+        }
+        None => match queued(cfg, run_id)? {
+            Some(doc) => (
+                doc,
+                format!("the local queue {} (no MongoDB configured)", queue.display()),
+            ),
+            None => anyhow::bail!(
+                "no MongoDB configured (mongodb.uri or DCS_MONGODB_URI), and no run `{run_id}` in the local queue {}",
+                queue.display()
+            ),
+        },
+    };
     let start = ns(&doc, "start_time_ns")
         .ok_or_else(|| anyhow::anyhow!("run `{run_id}` has no start_time_ns"))?;
     // A run still going (or whose end is not recorded yet) is shown up to now.
     let end = ns(&doc, "end_time_ns").unwrap_or_else(|| UtcNanos::now().as_nanos());
     let mut view = RunView {
+        source,
         run: Bson::Document(doc).into_relaxed_extjson(),
         window_ns: (start, end),
         environment: Vec::new(),
@@ -179,6 +219,7 @@ pub fn render_table(v: &RunView) -> String {
         g("calibration"),
         g("status")
     );
+    let _ = writeln!(out, "  from {}", v.source);
     let _ = writeln!(
         out,
         "  run number {}, config {}, modules {}, operator {}",
@@ -317,6 +358,7 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!(s[1].tags.len(), 1, "empty tags dropped");
         let view = RunView {
+            source: "MongoDB (dcs.runs)".into(),
             run: serde_json::json!({"run_id": "r1", "calibration": "pedenoise", "status": "done",
                 "start_time_ns": 1, "end_time_ns": 2, "modules": ["M1"]}),
             window_ns: (1, 2),
