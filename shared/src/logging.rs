@@ -4,32 +4,79 @@
 //! `EnvFilter` syntax; `DCS_LOG_FORMAT=json` switches to one JSON object per line for log
 //! collectors.
 
-use tracing::Metadata;
-use tracing_subscriber::filter::{filter_fn, FilterExt};
-use tracing_subscriber::layer::SubscriberExt;
+use std::fmt::Write as _;
+
+use tracing::field::{Field, Visit};
+use tracing::subscriber::Interest;
+use tracing::{Event, Metadata};
+use tracing_subscriber::filter::{FilterExt, LevelFilter};
+use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 /// Two library events that are normal operation but logged as trouble; a healthy stack
 /// must be quiet (the healthy-stack test in `tests/tests/launcher.rs` fails if an
-/// upgrade moves them):
-/// - rumqttd 0.20 logs every clean client disconnect as ERROR `router-drop`
-///   (`server/broker.rs`: the router closes the link after the client's DISCONNECT);
+/// upgrade moves them). Only these values are dropped; the same callsites' other
+/// values (a router that cannot take a message, an IOC restart) still show:
+/// - rumqttd 0.20 logs every clean client disconnect as ERROR `router-drop` with
+///   `error=Recv(Disconnected)` (`server/broker.rs`: the router drops the link after
+///   the client's DISCONNECT);
 /// - epics-ca-rs 0.31 logs at WARN each beacon anomaly (`client/mod.rs`), and every
-///   step of a CA server's standard start-up ramp (beacons 20 ms apart, doubling to
-///   15 s) is one by libca's rule (period >= 3.25x the running average); libca only
-///   counts them. caen-fsm logs CA connection loss and recovery itself.
-fn benign(meta: &Metadata<'_>) -> bool {
-    let at = |file: &str, lines: std::ops::RangeInclusive<u32>| {
-        meta.file().is_some_and(|f| f.ends_with(file))
-            && meta.line().is_some_and(|l| lines.contains(&l))
+///   step of a CA server's start-up ramp (beacons 20 ms apart, doubling to 15 s) is a
+///   `kind=LongPeriod` one by libca's rule (period >= 3.25x the running average); libca
+///   only counts them.
+struct Benign;
+
+/// Which of the two callsites `meta` is, if any.
+fn benign_callsite(meta: &Metadata<'_>) -> Option<(&'static str, &'static str)> {
+    let at = |file: &str, line: u32| {
+        meta.file().is_some_and(|f| f.ends_with(file)) && meta.line() == Some(line)
     };
     match meta.target() {
-        "rumqttd::server::broker" => at("src/server/broker.rs", 581..=581),
-        "epics_ca_rs::client" => {
-            at("src/client/mod.rs", 3879..=3879) && meta.fields().field("kind").is_some()
+        "rumqttd::server::broker" if at("src/server/broker.rs", 581) => Some(("error", "Recv(")),
+        "epics_ca_rs::client" if at("src/client/mod.rs", 3879) => Some(("kind", "LongPeriod")),
+        _ => None,
+    }
+}
+
+/// One field's value as text.
+struct FieldText<'a>(&'a str, String);
+
+impl Visit for FieldText<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == self.0 {
+            let _ = write!(self.1, "{value:?}");
         }
-        _ => false,
+    }
+}
+
+impl<S> Filter<S> for Benign {
+    fn enabled(&self, _meta: &Metadata<'_>, _cx: &Context<'_, S>) -> bool {
+        true
+    }
+
+    fn callsite_enabled(&self, meta: &'static Metadata<'static>) -> Interest {
+        // "Sometimes" for the two callsites: their events are judged one by one.
+        if benign_callsite(meta).is_some() {
+            Interest::sometimes()
+        } else {
+            Interest::always()
+        }
+    }
+
+    fn event_enabled(&self, event: &Event<'_>, _cx: &Context<'_, S>) -> bool {
+        let Some((field, benign)) = benign_callsite(event.metadata()) else {
+            return true;
+        };
+        let mut v = FieldText(field, String::new());
+        event.record(&mut v);
+        !v.1.starts_with(benign)
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        // Lets the EnvFilter's own hint stand (a `None` here would switch it off and
+        // make every trace-level callsite of every crate ask at run time).
+        Some(LevelFilter::TRACE)
     }
 }
 
@@ -50,7 +97,7 @@ pub fn init(default_level: &str) {
             ))
         });
     let json = std::env::var("DCS_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let filter = filter.and(filter_fn(|meta| !benign(meta)));
+    let filter = filter.and(Benign);
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // When stderr breaks (the launcher holding our pipe died), tracing reports it

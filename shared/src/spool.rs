@@ -345,35 +345,42 @@ struct Scan {
     stopped_early: bool,
 }
 
-/// Reads records of one segment from `from`, at most `max` of them, calling `each`.
-/// Stops at the end, at a torn record, or at a length that cannot be right.
-/// The undelivered records of the spool in `dir`, read-only: for a reader beside the
-/// process that owns the spool (`dcs run show` while the bridge runs). Nothing is
-/// changed: no cursor moved, no torn tail cut (a record being written is not returned).
-pub fn pending_records(dir: &Path) -> Result<Vec<Vec<u8>>, SpoolError> {
+/// The undelivered records of the spool in `dir`, oldest first, each given to `each`,
+/// read-only: for a reader beside the process that owns the spool (`dcs run show` while
+/// the bridge runs). Nothing is changed: no cursor moved, no torn tail cut (a record
+/// being written is not given). Segments the owner deletes meanwhile were delivered.
+pub fn pending_records(dir: &Path, each: &mut dyn FnMut(Vec<u8>)) -> Result<(), SpoolError> {
+    // The cursor first: a segment listed before a cursor that moved on is skipped, never
+    // one listed after.
+    let cursor = read_cursor(dir).unwrap_or_default();
     let mut ids: Vec<u64> = fs::read_dir(dir)?
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.strip_suffix(".seg")?.parse().ok())
         .collect();
     ids.sort_unstable();
-    let cursor = read_cursor(dir).unwrap_or_default();
-    let mut out = Vec::new();
     for id in ids.into_iter().filter(|id| *id >= cursor.segment) {
         let from = if id == cursor.segment {
             cursor.offset
         } else {
             0
         };
-        match scan(&seg_path(dir, id), from, u64::MAX, &mut |rec| out.push(rec)) {
+        match scan(&seg_path(dir, id), from, u64::MAX, each) {
             Ok(_) => {}
-            // Deleted by the owner meanwhile: delivered.
-            Err(SpoolError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            // Deleted (delivered) or cut short (a torn tail trimmed by the owner's
+            // restart) while being read: what was read stands.
+            Err(SpoolError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof
+                ) => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(out)
+    Ok(())
 }
 
+/// Reads records of one segment from `from`, at most `max` of them, calling `each`.
+/// Stops at the end, at a torn record, or at a length that cannot be right.
 fn scan(
     path: &Path,
     from: u64,
@@ -610,7 +617,8 @@ mod tests {
         assert_eq!(first.len(), 3);
         s.ack(to).unwrap();
         let before = s.pending_bytes();
-        let got = pending_records(dir.path()).unwrap();
+        let mut got = Vec::new();
+        pending_records(dir.path(), &mut |r| got.push(r)).unwrap();
         assert_eq!(got, (3..10u8).map(|i| vec![i; 20]).collect::<Vec<_>>());
         assert_eq!(s.pending_bytes(), before, "nothing consumed");
         let (next, _) = s.read(1, u64::MAX).unwrap();

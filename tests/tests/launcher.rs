@@ -146,14 +146,20 @@ fn simulated_stack(dir: &Path, services: &str, simulators: &str) -> (Command, u1
         .env_remove("DCS_INFLUX_URL")
         .env_remove("DCS_MONGODB_URI")
         .env_remove("DCS_LOG")
+        .env_remove("DCS_LOG_FORMAT")
         .env_remove("RUST_LOG");
     (cmd, p4, config)
 }
+
+/// The whole-stack tests take turns: two stacks of a dozen processes at once on a
+/// 2-core machine would test the machine, not the stack.
+static WHOLE_STACK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// `dcs up --simulate` with the shipped configs (ports moved to free ones): the
 /// simulators and the drivers come up under the launcher and report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_simulate_runs_the_services_with_their_simulators() {
+    let _turn = WHOLE_STACK.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (cmd, p4, config) = simulated_stack(
         dir.path(),
@@ -383,6 +389,7 @@ async fn up_simulate_runs_the_services_with_their_simulators() {
 /// component starts once (none crashes and restarts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_stack_is_quiet_from_start_to_clean_stop() {
+    let _turn = WHOLE_STACK.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (cmd, p4, _) = simulated_stack(
         dir.path(),
@@ -407,7 +414,13 @@ async fn a_healthy_stack_is_quiet_from_start_to_clean_stop() {
         .terminate(Duration::from_secs(20))
         .expect("dcs up did not stop within 20 s");
     assert!(status.success(), "{status}");
+    // The launcher's last line: every component's output has been copied before it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !up.stderr_text().contains("stopped component=\"broker\"") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = up.stderr_text();
+    assert!(log.contains("stopped component=\"broker\""), "{log}");
     let loud: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))

@@ -129,8 +129,10 @@ pub async fn supervise(
             }
         };
         let pid = child.id();
-        forward(name, child.stdout.take());
-        forward(name, child.stderr.take());
+        let copies = [
+            forward(name, child.stdout.take()),
+            forward(name, child.stderr.take()),
+        ];
         tracing::info!(component = name, pid, "started");
         board.update(name, |s| {
             s.state = "running";
@@ -160,6 +162,10 @@ pub async fn supervise(
             }
             _ = shutdown.cancelled() => {
                 let how = stop(name, &mut child).await;
+                // Its last lines (the stop itself) are printed before it counts as stopped.
+                for c in copies.into_iter().flatten() {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), c).await;
+                }
                 board.update(name, |s| {
                     s.pid = None;
                     s.last_exit = Some(how);
@@ -225,10 +231,13 @@ async fn stop(name: &str, child: &mut Child) -> String {
 
 /// Copies a child's output to our stderr, one line at a time, prefixed with its name.
 /// Bytes that are not UTF-8 are shown lossily rather than ending the copy.
-fn forward(name: &str, out: Option<impl AsyncRead + Unpin + Send + 'static>) {
-    let Some(out) = out else { return };
+fn forward(
+    name: &str,
+    out: Option<impl AsyncRead + Unpin + Send + 'static>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let out = out?;
     let prefix = format!("{name:>12} | ");
-    tokio::spawn(async move {
+    Some(tokio::spawn(async move {
         let mut reader = BufReader::new(out);
         let mut line = Vec::new();
         while matches!(reader.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
@@ -236,5 +245,5 @@ fn forward(name: &str, out: Option<impl AsyncRead + Unpin + Send + 'static>) {
             eprintln!("{prefix}{}", text.trim_end_matches(['\n', '\r']));
             line.clear();
         }
-    });
+    }))
 }

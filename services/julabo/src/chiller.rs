@@ -142,6 +142,7 @@ impl Chiller {
         match transport::open(&self.endpoint, &self.cfg.serial, Duration::from_secs(3)).await {
             Ok(port) => {
                 tracing::info!(port = %self.cfg.port, "line open");
+                self.ever_open = true;
                 self.link = Some(
                     Link::new(
                         port,
@@ -167,9 +168,6 @@ impl Chiller {
     /// Closes the line (if open) for `why`; it is reopened after the backoff.
     fn lost(&mut self, why: String) {
         let delay = self.backoff.next_delay();
-        if self.link.is_some() {
-            self.ever_open = true;
-        }
         if !self.ever_open && self.backoff.attempts() < STARTUP_ATTEMPTS {
             tracing::info!(error = %why, retry_in = ?delay, "chiller not reachable yet");
         } else if !self.ever_open && self.backoff.attempts() == STARTUP_ATTEMPTS {

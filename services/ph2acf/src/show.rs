@@ -103,53 +103,58 @@ pub fn parse_series(answer: &Value) -> Vec<Series> {
 /// record at its start and one at its end), as its document.
 pub fn queued(cfg: &BridgeConfig, run_id: &str) -> anyhow::Result<Option<Document>> {
     let dir = cfg.queue_dir.join("mongodb");
-    let records = match dcs_shared::spool::pending_records(&dir) {
-        Ok(r) => r,
-        Err(dcs_shared::spool::SpoolError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-            Vec::new()
-        }
-        Err(e) => anyhow::bail!("cannot read the queue {}: {e}", dir.display()),
-    };
-    Ok(records
-        .iter()
-        .rev()
-        .filter_map(|b| serde_json::from_slice::<RunRecord>(b).ok())
-        .find(|r| r.run_id == run_id)
-        .map(|r| r.document(true)))
-}
-
-/// Reads run `run_id` and its environment.
-pub async fn fetch(cfg: &BridgeConfig, run_id: &str) -> anyhow::Result<RunView> {
-    let queue = cfg.queue_dir.join("mongodb");
-    let (doc, source) = match cfg.mongodb() {
-        Some(mongo) => {
-            let store = MongoStore::new(&mongo).await.map_err(anyhow::Error::msg)?;
-            match store.find(run_id).await.map_err(anyhow::Error::msg)? {
-                Some(doc) => (doc, format!("MongoDB ({}.{})", mongo.database, mongo.collection)),
-                None => match queued(cfg, run_id)? {
-                    Some(doc) => (
-                        doc,
-                        format!("the local queue {} (not yet in MongoDB)", queue.display()),
-                    ),
-                    None => anyhow::bail!(
-                        "no run `{run_id}` in MongoDB ({}.{}) nor in the local queue {}",
-                        mongo.database,
-                        mongo.collection,
-                        queue.display()
-                    ),
-                },
+    let mut latest = None;
+    let r = dcs_shared::spool::pending_records(&dir, &mut |b| {
+        if let Ok(rec) = serde_json::from_slice::<RunRecord>(&b) {
+            if rec.run_id == run_id {
+                latest = Some(rec);
             }
         }
-        None => match queued(cfg, run_id)? {
-            Some(doc) => (
-                doc,
-                format!("the local queue {} (no MongoDB configured)", queue.display()),
-            ),
-            None => anyhow::bail!(
-                "no MongoDB configured (mongodb.uri or DCS_MONGODB_URI), and no run `{run_id}` in the local queue {}",
-                queue.display()
-            ),
-        },
+    });
+    match r {
+        Ok(()) => {}
+        Err(dcs_shared::spool::SpoolError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => anyhow::bail!("cannot read the queue {}: {e}", dir.display()),
+    }
+    Ok(latest.map(|r| r.document(true)))
+}
+
+/// Reads run `run_id` and its environment. A record still in the local queue is newer
+/// than what MongoDB holds (the queue delivers in order), so it comes first; MongoDB is
+/// asked only when the queue has nothing of the run.
+pub async fn fetch(cfg: &BridgeConfig, run_id: &str) -> anyhow::Result<RunView> {
+    let queue = cfg.queue_dir.join("mongodb");
+    let (doc, source) = match (queued(cfg, run_id)?, cfg.mongodb()) {
+        (Some(doc), mongo) => {
+            let why = if mongo.is_some() {
+                "not yet in MongoDB"
+            } else {
+                "no MongoDB configured"
+            };
+            (doc, format!("the local queue {} ({why})", queue.display()))
+        }
+        (None, Some(mongo)) => {
+            let store = MongoStore::new(&mongo).await.map_err(anyhow::Error::msg)?;
+            let found = store.find(run_id).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "no run `{run_id}` in the local queue {}, and MongoDB: {e}",
+                    queue.display()
+                )
+            })?;
+            match found {
+                Some(doc) => (doc, format!("MongoDB ({}.{})", mongo.database, mongo.collection)),
+                None => anyhow::bail!(
+                    "no run `{run_id}` in MongoDB ({}.{}) nor in the local queue {}",
+                    mongo.database,
+                    mongo.collection,
+                    queue.display()
+                ),
+            }
+        }
+        (None, None) => anyhow::bail!(
+            "no MongoDB configured (mongodb.uri or DCS_MONGODB_URI), and no run `{run_id}` in the local queue {}",
+            queue.display()
+        ),
     };
     let start = ns(&doc, "start_time_ns")
         .ok_or_else(|| anyhow::anyhow!("run `{run_id}` has no start_time_ns"))?;
