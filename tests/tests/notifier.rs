@@ -131,19 +131,27 @@ fn events(entries: &[Value]) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlock() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let broker = Broker::start(BrokerKind::Dcs);
-    let (smtp_port, http_port) = (free_port(), free_port());
-    let mut smtp = peer("smtp", smtp_port);
-    let hook = peer("http", http_port);
+/// The common rig: an interlock with one dew-point rule (set-point 20, then HV off
+/// `hv_after` s later; `confirm` s to confirm each), a notifier with `notifier_body`
+/// (its YAML without `station`, `state_dir` and `mqtt`), and the stand-ins: a chiller
+/// at set-point 5 and one channel with HV on, dry. Returns once the interlock has
+/// published its alarm (after its restore window).
+struct Rig {
+    o: Observer,
+    interlock: Proc,
+    notifier: Proc,
+    notifier_cfg: PathBuf,
+}
+
+fn chiller(sp: f64) -> String {
+    format!(r#"{{"internal_temp":10.0,"setpoint_1":{sp},"used_setpoint":1}}"#)
+}
+
+async fn rig(d: &Path, broker: &Broker, rule_extra: &str, notifier_body: &str) -> Rig {
     let mqtt = format!(
         "mqtt: {{url: {}, username: {USER}, password: {PASS}}}\n",
         broker.url()
     );
-
     let interlock_cfg = write(
         d,
         "interlock.yaml",
@@ -151,22 +159,14 @@ async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlo
             "name: interlock\npermit_key_file: permit.key\ntargets: {{caen: dcs, chiller: julabo, max_age_secs: 60}}\n\
              inputs:\n  bath: {{topic: julabo/status, field: internal_temp, max_age_secs: 600}}\n  \
              dew: {{topic: ESP01/sensors/BME/dew, max_age_secs: 600}}\n\
-             rules:\n  dew_point:\n    kind: dew_point\n    cold: [bath]\n    dew: [dew]\n    margin: 3\n    \
-             actions: [{{do: chiller_setpoint, temp: 20}}, {{do: hv_off, after_secs: 1}}]\n    \
-             confirm_timeout_secs: 20\n    advice: Check the dry air; do not open the box.\n{mqtt}"
+             rules:\n  dew_point:\n    kind: dew_point\n    cold: [bath]\n    dew: [dew]\n    margin: 3\n\
+             {rule_extra}{mqtt}"
         ),
     );
     let notifier_cfg = write(
         d,
         "notifier.yaml",
-        format!(
-            "station: test-box\nstate_dir: state\nwatch: [dcs]\n\
-             timing: {{reminder_secs: 4, interlock_silence_secs: 120, offline_grace_secs: 1}}\n\
-             channels:\n  - name: mail\n    max_per_window: 5\n    rate_window_secs: 10\n    \
-             email: {{host: 127.0.0.1, port: {smtp_port}, security: none, from: dcs@lab.invalid, to: [shift@lab.invalid], timeout_secs: 2}}\n  \
-             - name: chat\n    max_per_window: 5\n    rate_window_secs: 10\n    \
-             webhook: {{url: 'http://127.0.0.1:{http_port}/hooks/dcs', format: mattermost}}\n{mqtt}"
-        ),
+        format!("station: test-box\nstate_dir: state\n{notifier_body}{mqtt}"),
     );
     let mut o = Observer::connect(
         broker.port,
@@ -174,9 +174,6 @@ async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlo
         &["julabo/cmd/#", "dcs/cmd/#", "alarms/#"],
     )
     .await;
-    // The stand-ins: a chiller at set-point 5 and one channel with HV on.
-    let chiller =
-        |sp: f64| format!(r#"{{"internal_temp":10.0,"setpoint_1":{sp},"used_setpoint":1}}"#);
     o.publish_acked("julabo/status", true, &chiller(5.0)).await;
     o.publish_acked(
         "dcs/channels/0",
@@ -187,14 +184,49 @@ async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlo
     o.publish_acked("ESP01/sensors/BME/dew", true, "0.5").await;
     let mut cmd = Command::new(bin("interlock"));
     cmd.arg("--config").arg(&interlock_cfg);
-    let mut interlock = spawn_until(cmd, "connected to MQTT broker", WAIT);
+    let interlock = spawn_until(cmd, "connected to MQTT broker", WAIT);
     let mut cmd = Command::new(bin("notifier"));
     cmd.arg("--config").arg(&notifier_cfg);
     let notifier = spawn_until(cmd, "connected to MQTT broker", WAIT);
-    // The interlock publishes its alarms once it has read back its retained ones.
     o.wait_for("alarms/dew_point", WAIT, |_| true)
         .await
-        .expect("the interlock publishes alarms/dew_point");
+        .expect("the interlock publishes alarms/dew_point after its restore window");
+    Rig {
+        o,
+        interlock,
+        notifier,
+        notifier_cfg,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlock() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let broker = Broker::start(BrokerKind::Dcs);
+    let (smtp_port, http_port) = (free_port(), free_port());
+    let mut smtp = peer("smtp", smtp_port);
+    let hook = peer("http", http_port);
+    let Rig {
+        mut o,
+        mut interlock,
+        notifier,
+        notifier_cfg,
+    } = rig(
+        d,
+        &broker,
+        "    actions: [{do: chiller_setpoint, temp: 20}, {do: hv_off, after_secs: 1}]\n    \
+         confirm_timeout_secs: 20\n    advice: Check the dry air; do not open the box.\n",
+        &format!(
+            "watch: [dcs]\n\
+             timing: {{reminder_secs: 4, interlock_silence_secs: 120, offline_grace_secs: 1}}\n\
+             channels:\n  - name: mail\n    max_per_window: 5\n    rate_window_secs: 10\n    \
+             email: {{host: 127.0.0.1, port: {smtp_port}, security: none, from: dcs@lab.invalid, to: [shift@lab.invalid], timeout_secs: 2}}\n  \
+             - name: chat\n    max_per_window: 5\n    rate_window_secs: 10\n    \
+             webhook: {{url: 'http://127.0.0.1:{http_port}/hooks/dcs', format: mattermost}}\n"
+        ),
+    )
+    .await;
 
     // Wet: raised; the interlock raises the set-point (confirmed by the stand-in),
     // then switches HV off (confirmed): one escalation message.
@@ -407,59 +439,25 @@ async fn a_shelved_alarm_tells_nobody_but_the_interlock_still_acts() {
     let mongo = Mongo::start();
     let http_port = free_port();
     let hook = peer("http", http_port);
-    let mqtt = format!(
-        "mqtt: {{url: {}, username: {USER}, password: {PASS}}}\n",
-        broker.url()
-    );
-    let interlock_cfg = write(
-        d,
-        "interlock.yaml",
-        format!(
-            "name: interlock\npermit_key_file: permit.key\ntargets: {{caen: dcs, chiller: julabo, max_age_secs: 60}}\n\
-             inputs:\n  bath: {{topic: julabo/status, field: internal_temp, max_age_secs: 600}}\n  \
-             dew: {{topic: ESP01/sensors/BME/dew, max_age_secs: 600}}\n\
-             rules:\n  dew_point:\n    kind: dew_point\n    cold: [bath]\n    dew: [dew]\n    margin: 3\n    \
-             actions: [{{do: chiller_setpoint, temp: 20}}, {{do: hv_off, after_secs: 4}}]\n    \
-             confirm_timeout_secs: 5\n{mqtt}"
-        ),
-    );
     let mongo_uri = format!("mongodb://127.0.0.1:{}", mongo.port);
-    let notifier_cfg = write(
+    let Rig {
+        mut o,
+        interlock: _interlock,
+        notifier,
+        notifier_cfg,
+    } = rig(
         d,
-        "notifier.yaml",
-        format!(
-            "station: test-box\nstate_dir: state\n\
-             timing: {{reminder_secs: 3, interlock_silence_secs: 120, offline_grace_secs: 1}}\n\
+        &broker,
+        "    actions: [{do: chiller_setpoint, temp: 20}, {do: hv_off, after_secs: 4}]\n    \
+         confirm_timeout_secs: 5\n",
+        &format!(
+            "timing: {{reminder_secs: 3, interlock_silence_secs: 120, offline_grace_secs: 1}}\n\
              journal: {{mongodb_uri: '{mongo_uri}', collection: journal_test}}\n\
              channels:\n  - name: chat\n    max_per_window: 100\n    \
-             webhook: {{url: 'http://127.0.0.1:{http_port}/hooks/dcs', format: mattermost}}\n{mqtt}"
+             webhook: {{url: 'http://127.0.0.1:{http_port}/hooks/dcs', format: mattermost}}\n"
         ),
-    );
-    let mut o = Observer::connect(
-        broker.port,
-        "t-shelve",
-        &["julabo/cmd/#", "dcs/cmd/#", "alarms/#"],
     )
     .await;
-    let chiller =
-        |sp: f64| format!(r#"{{"internal_temp":10.0,"setpoint_1":{sp},"used_setpoint":1}}"#);
-    o.publish_acked("julabo/status", true, &chiller(5.0)).await;
-    o.publish_acked(
-        "dcs/channels/0",
-        true,
-        r#"{"module":"m0","lv_status":1,"hv_status":1}"#,
-    )
-    .await;
-    o.publish_acked("ESP01/sensors/BME/dew", true, "0.5").await;
-    let mut cmd = Command::new(bin("interlock"));
-    cmd.arg("--config").arg(&interlock_cfg);
-    let _interlock = spawn_until(cmd, "connected to MQTT broker", WAIT);
-    let mut cmd = Command::new(bin("notifier"));
-    cmd.arg("--config").arg(&notifier_cfg);
-    let notifier = spawn_until(cmd, "connected to MQTT broker", WAIT);
-    o.wait_for("alarms/dew_point", WAIT, |_| true)
-        .await
-        .expect("the interlock publishes alarms/dew_point");
 
     // Bad shelve commands: refused with the reason, nothing shelved.
     for (payload, why) in [
