@@ -25,6 +25,8 @@ pub mod permit;
 pub mod program;
 pub mod shutdown;
 pub mod spool;
+#[cfg(feature = "test-support")]
+pub mod testing;
 pub mod time;
 pub mod topic;
 

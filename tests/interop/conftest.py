@@ -35,10 +35,35 @@ QUIET_WINDOW = 1.5  # waiting for a message that should not come
 TOOL_TIMEOUT = 20.0  # hard cap on one mosquitto_pub/sub run
 
 
+_next_port = 0
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A loopback port free for TCP and UDP, below the kernel's ephemeral range (port 0
+    hands out ports from that range, where outgoing connections' source ports come from
+    too, so a released port can be taken before the server binds it). Same walk as the
+    Rust tests' `dcs_shared::testing::free_port`, started elsewhere (by pid)."""
+    global _next_port
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    ephemeral_low = min(max(ephemeral_low, 16384), 65535)
+    low, span = 10000, ephemeral_low - 10000
+    start = os.getpid() % span
+    for _ in range(span):
+        port = low + (start + _next_port) % span
+        _next_port += 1
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                t.bind((HOST, port))
+                u.bind((HOST, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def unique(prefix: str = "t") -> str:

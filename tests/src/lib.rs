@@ -5,7 +5,6 @@
 //! `.ci/run` does), or from `DCS_BIN_DIR`.
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,33 +23,7 @@ pub const PASS: &str = "s3cret";
 /// `mosquitto_passwd -b -c FILE alice s3cret`.
 pub const PASSWD_LINE: &str = "alice:$7$101$A4ZHLsuMM+NzxPM2$AGuo0ReuABnaPoO9y9K7z8PCWur+winy5U32oLSDitRpKGw0TUf3cVpYENhZhcFK/fac4+kMhCTjJ3qYmHOwRA==";
 
-/// A port nobody listens on right now (TCP and UDP), never handed out twice in this
-/// process.
-///
-/// Taken below the kernel's ephemeral range: a port the kernel picked for us (`:0`)
-/// can be picked again for any client socket (a CA client, an MQTT connection) between
-/// our check and the server's bind, which made tests fail with "address in use".
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768)
-        .clamp(16384, 65535);
-    let (low, span) = (10000u32, ephemeral_low - 10000);
-    // Spread processes (test binaries, pytest) over the range.
-    let start = std::process::id() % span;
-    for _ in 0..span {
-        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
-        let tcp = TcpListener::bind(("127.0.0.1", port));
-        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
-        if tcp.is_ok() && udp.is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port below the ephemeral range");
-}
+pub use dcs_shared::testing::free_port;
 
 /// Path of one of the workspace's binaries.
 pub fn bin(name: &str) -> PathBuf {

@@ -4,7 +4,6 @@
 //! This binary holds a single test on purpose: it sets process environment variables
 //! (`EPICS_CA_*`), which is only sound while nothing else runs concurrently.
 
-use std::net::{TcpListener, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
 
@@ -17,16 +16,7 @@ use tokio::task::JoinHandle;
 const CONNECT: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(5);
 
-/// A port free for both TCP and UDP on loopback (CA uses both).
-fn free_port() -> u16 {
-    loop {
-        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
+use dcs_shared::testing::free_port;
 
 fn start(cfg: &SimConfig) -> (CancellationToken, JoinHandle<anyhow::Result<()>>) {
     let token = CancellationToken::new();
