@@ -370,13 +370,14 @@ async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlo
         .unwrap();
     let text = summary["body"]["text"].as_str().unwrap();
     // Every flood event is either sent or counted; the grouped reminders of the flood's
-    // alarms (every 4 s here) may be folded with them.
+    // alarms (one message per 4 s round here, more rounds on a slow machine) may be
+    // folded with them.
     let folded: usize = text
         .split_whitespace()
         .find_map(|w| w.parse().ok())
         .unwrap_or(0);
     assert!(
-        raised + folded >= 200 && folded <= 200 - raised + 5,
+        raised + folded >= 200 && folded <= 200 - raised + 20,
         "{raised} sent, {folded} folded:\n{text}"
     );
 
