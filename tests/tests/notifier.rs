@@ -90,12 +90,7 @@ fn write(dir: &Path, name: &str, text: String) -> PathBuf {
 }
 
 /// `dcs alarms log --json` with a stack config naming `notifier_cfg`, and the args.
-fn alarms_log(
-    dir: &Path,
-    notifier_cfg: &Path,
-    args: &[&str],
-    env: &[(&str, String)],
-) -> Vec<Value> {
+fn alarms_log(dir: &Path, notifier_cfg: &Path, args: &[&str]) -> Vec<Value> {
     let stack = write(
         dir,
         "stack.yaml",
@@ -108,7 +103,6 @@ fn alarms_log(
         .args(["alarms", "log", "--json", "--config"])
         .arg(&stack)
         .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .unwrap();
     assert!(
@@ -121,6 +115,19 @@ fn alarms_log(
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// Acknowledges the dew-point alarm as `ana`; the interlock must accept it.
+async fn ack_as_ana(o: &mut Observer) {
+    let r = o
+        .command(
+            "alarms",
+            "ack",
+            r#"{"rule": "dew_point", "operator": "ana"}"#,
+            WAIT,
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
 }
 
 /// The journal's events, in order.
@@ -278,15 +285,7 @@ async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlo
     let escalations = count(&mails, "ESCALATED");
     // A reminder while nobody acknowledges (4 s in this test, an hour shipped).
     wait_received(&smtp, "a reminder", |g| count(g, "STILL ACTIVE") >= 1);
-    let r = o
-        .command(
-            "alarms",
-            "ack",
-            r#"{"rule": "dew_point", "operator": "ana"}"#,
-            WAIT,
-        )
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    ack_as_ana(&mut o).await;
     wait_received(&smtp, "acknowledged", |g| count(g, "ACKNOWLEDGED") == 1);
     o.publish_acked("ESP01/sensors/BME/dew", true, "0.5").await;
     let mails = wait_received(&smtp, "cleared", |g| count(g, "CLEARED") == 1);
@@ -337,15 +336,7 @@ async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlo
 
     // Dry again and acknowledged: no reminders in what follows.
     o.publish_acked("ESP01/sensors/BME/dew", true, "0.5").await;
-    let r = o
-        .command(
-            "alarms",
-            "ack",
-            r#"{"rule": "dew_point", "operator": "ana"}"#,
-            WAIT,
-        )
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    ack_as_ana(&mut o).await;
     wait_received(&hook, "cleared again", |g| count(g, "CLEARED") == 2);
 
     // A flood of 200 alarm events in a second (as the interlock would publish them):
@@ -397,12 +388,7 @@ async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlo
     drop(notifier);
 
     // The journal (a file: no database here) has it all, with who and when.
-    let j = alarms_log(
-        d,
-        &notifier_cfg,
-        &["--rule", "dew_point", "--limit", "0"],
-        &[],
-    );
+    let j = alarms_log(d, &notifier_cfg, &["--rule", "dew_point", "--limit", "0"]);
     let ev = events(&j);
     for (event, n) in [
         ("raised", 2),
@@ -424,11 +410,11 @@ async fn alarms_reach_people_once_each_through_outages_floods_and_a_dead_interlo
             .any(|e| e["event"] == "notification_failed" && e["details"]["channel"] == "mail"),
         "the mail outage is journaled: {ev:?}"
     );
-    let all = alarms_log(d, &notifier_cfg, &["--limit", "0"], &[]);
+    let all = alarms_log(d, &notifier_cfg, &["--limit", "0"]);
     assert!(all
         .iter()
         .any(|e| e["event"] == "watchdog" && e["subject"] == "interlock"));
-    let recent = alarms_log(d, &notifier_cfg, &["--since", "1s", "--limit", "0"], &[]);
+    let recent = alarms_log(d, &notifier_cfg, &["--since", "1s", "--limit", "0"]);
     assert!(recent.len() < all.len(), "--since filters");
 }
 
@@ -597,26 +583,13 @@ async fn a_shelved_alarm_tells_nobody_but_the_interlock_still_acts() {
         count_kind(g, "UNSHELVED") == 2
     });
     assert!(subjects(&got).iter().any(|s| s.contains("unshelved by bo")));
-    let r = o
-        .command(
-            "alarms",
-            "ack",
-            r#"{"rule": "dew_point", "operator": "ana"}"#,
-            WAIT,
-        )
-        .await;
-    assert_eq!(r["ok"], true, "{r}");
+    ack_as_ana(&mut o).await;
     wait_received(&hook, "acknowledged", |g| count(g, "ACKNOWLEDGED") == 1);
 
     // The journal in MongoDB: everything, told or not, with who.
     let deadline = Instant::now() + WAIT;
     let j = loop {
-        let j = alarms_log(
-            d,
-            &notifier_cfg,
-            &["--rule", "dew_point", "--limit", "0"],
-            &[],
-        );
+        let j = alarms_log(d, &notifier_cfg, &["--rule", "dew_point", "--limit", "0"]);
         if events(&j).iter().any(|e| e == "acknowledged") || Instant::now() > deadline {
             break j;
         }
