@@ -9,6 +9,7 @@
 //! - [`logging`] and [`shutdown`]: `tracing` setup and SIGTERM/SIGINT handling;
 //! - [`backoff`]: exponential backoff with jitter;
 //! - [`line_protocol`] and [`influx`]: InfluxDB line protocol and its v1/v2 writer;
+//! - [`inputs`]: named values from MQTT (topic filter, JSON field) with their ages;
 //! - [`permit`]: the interlock's signed permit (HMAC-SHA256, freshness, sequence);
 //! - [`spool`]: a durable on-disk queue (checksummed segments, persisted cursor), and
 //!   [`outbox`]: a spool in front of a store that may be away, with delivery and retries.
@@ -17,6 +18,7 @@ pub mod backoff;
 pub mod command;
 pub mod config;
 pub mod influx;
+pub mod inputs;
 pub mod line_protocol;
 pub mod logging;
 pub mod mqtt;

@@ -5,7 +5,6 @@
 use dcs_shared::config::invalid;
 use std::collections::BTreeMap;
 
-use dcs_shared::topic;
 use dcs_shared::{MqttSettings, Validate};
 use serde::{Deserialize, Serialize};
 
@@ -82,24 +81,7 @@ impl Default for Targets {
     }
 }
 
-/// One named input: a topic (wildcards allowed: every matching topic is a series of
-/// its own) and where the value is in the payload.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InputConfig {
-    /// MQTT topic filter: `julabo/status`, `+/sensors/BME/dew`.
-    pub topic: String,
-    /// JSON key holding the value; without it the payload is a bare number
-    /// (`21.7`) or `true`/`false`.
-    #[serde(default)]
-    pub field: Option<String>,
-    /// A value older than this is stale, and stale counts as unsafe.
-    pub max_age_secs: f64,
-    /// Whose `<source>/online` says whether the publisher is alive; default: the
-    /// topic's first level (`julabo`, `ESP01`).
-    #[serde(default)]
-    pub source: Option<String>,
-}
+pub use dcs_shared::inputs::InputConfig;
 
 /// What a rule checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -422,25 +404,9 @@ impl Validate for InterlockConfig {
             return invalid("timing.republish_secs", "must be >= 1 and at most a year");
         }
         for (name, input) in &self.inputs {
-            let k = |f: &str| format!("inputs.{name}.{f}");
-            topic::check_filter(&input.topic).or_else(|m| invalid(k("topic"), m))?;
-            if !secs_ok(input.max_age_secs, false) {
-                return invalid(
-                    k("max_age_secs"),
-                    "must be > 0 and at most a year (stale data counts as unsafe)",
-                );
-            }
-            if input.field.as_deref() == Some("") {
-                return invalid(
-                    k("field"),
-                    "must name a JSON key, or be left out for bare values",
-                );
-            }
-            if let Some(s) = &input.source {
-                if !level_ok(s) {
-                    return invalid(k("source"), "must be a service name (an MQTT topic level)");
-                }
-            }
+            input
+                .check()
+                .or_else(|(f, m)| invalid(format!("inputs.{name}.{f}"), m))?;
         }
         if self.rules.is_empty() {
             return invalid(

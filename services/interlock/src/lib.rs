@@ -12,7 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod escalation;
-pub mod inputs;
+pub use dcs_shared::inputs;
 pub mod plant;
 pub mod rules;
 pub mod service;

@@ -11,10 +11,58 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use dcs_shared::{topic, UtcNanos};
+use serde::Deserialize;
 use serde_json::Value as Json;
 
-use crate::config::InputConfig;
+use crate::{topic, UtcNanos};
+
+/// One named input: a topic (wildcards allowed: every matching topic is a series of
+/// its own) and where the value is in the payload.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// MQTT topic filter: `julabo/status`, `+/sensors/BME/dew`.
+    pub topic: String,
+    /// JSON key holding the value; without it the payload is a bare number
+    /// (`21.7`) or `true`/`false`.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// A value older than this is stale, and stale counts as unsafe.
+    pub max_age_secs: f64,
+    /// Whose `<source>/online` says whether the publisher is alive; default: the
+    /// topic's first level (`julabo`, `ESP01`).
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+impl InputConfig {
+    /// Checks the input; an error is (field, message) for the caller to put under its
+    /// own key (`inputs.<name>.<field>`).
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        topic::check_filter(&self.topic).map_err(|m| ("topic", m))?;
+        if !(self.max_age_secs > 0.0 && self.max_age_secs <= 365.0 * 86400.0) {
+            return Err((
+                "max_age_secs",
+                "must be > 0 and at most a year (stale data counts as unsafe)".into(),
+            ));
+        }
+        if self.field.as_deref() == Some("") {
+            return Err((
+                "field",
+                "must name a JSON key, or be left out for bare values".into(),
+            ));
+        }
+        if let Some(s) = &self.source {
+            if topic::check_level(s).is_err() {
+                return Err((
+                    "source",
+                    "must be a service name (an MQTT topic level)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// A value as read from a payload.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -253,6 +301,24 @@ impl Inputs {
         out
     }
 
+    /// Every series of input `index` that ever had a good value: (topic, latest good
+    /// value, its age now), stale ones included, in topic order; with
+    /// [`Inputs::max_age`] the caller decides what is too old for its purpose.
+    pub fn latest(&self, index: usize, now: Instant) -> Vec<(String, Value, Duration)> {
+        let mut v: Vec<_> = self.inputs[index]
+            .series
+            .iter()
+            .map(|(t, s)| (t.clone(), s.value, s.age(now)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The `max_age_secs` of input `index`.
+    pub fn max_age(&self, index: usize) -> Duration {
+        self.inputs[index].max_age
+    }
+
     /// Input `index` as of `now`.
     pub fn read(&self, index: usize, now: Instant) -> Reading {
         let input = &self.inputs[index];
@@ -327,7 +393,7 @@ fn bare(payload: &[u8]) -> Result<Value, String> {
             Ok(v) if v.is_finite() => Ok(Value::Number(v)),
             _ => Err(format!(
                 "expected a number, got `{}`",
-                dcs_shared::command::truncate(text, 40)
+                crate::command::truncate(text, 40)
             )),
         },
     }
@@ -345,7 +411,7 @@ fn age_at_arrival(doc: &Json, wall: UtcNanos) -> Result<Duration, String> {
             let ns = v.as_i64().ok_or_else(|| {
                 format!(
                     "`{MEASURED_AT}` is not an integer of nanoseconds since the Unix epoch: {}",
-                    dcs_shared::command::truncate(&v.to_string(), 40)
+                    crate::command::truncate(&v.to_string(), 40)
                 )
             })?;
             let age = wall.as_nanos().saturating_sub(ns);
