@@ -109,54 +109,101 @@ pub fn from_str<T: DeserializeOwned + Validate>(
         }
     })?;
     value.validate().map_err(|(key, message)| ConfigError {
-        line: find_key_line(&text, &key),
+        line: key_line(&text, &key),
         ..ConfigError::invalid(origin, &key, message)
     })?;
     Ok(value)
 }
 
-/// Best-effort line of a dotted key path (`channels.0.lv.setV`, `rules[2].name`), for
-/// validation errors: each component is looked for after its parent, inside the
-/// parent's block (deeper indentation) or on the parent's own line (flow style:
-/// `"0": {lv: {setV: 30}}`). Falls back to the deepest component found.
-fn find_key_line(text: &str, key: &str) -> Option<usize> {
+/// Best-effort line of a dotted key path (`channels.0.lv.setV`,
+/// `steps[2].repeat.steps[1].cooling.temp`) in YAML `text`, for errors found after
+/// parsing. Each component is looked for after its parent, inside the parent's block
+/// (deeper indentation) or on the parent's own line (flow style: `"0": {lv: {setV:
+/// 30}}`); `name[i]` is the i-th `- ` item of a block list. Falls back to the deepest
+/// component found.
+pub fn key_line(text: &str, key: &str) -> Option<usize> {
     let lines: Vec<&str> = text.lines().collect();
     let indent = |l: &str| l.len() - l.trim_start().len();
-    let mut found: Option<usize> = None;
+    // The line found last, and whether it is a list item (`- key: ...`), whose own
+    // content starts after the dash and whose block is deeper than the dash.
+    let mut found: Option<(usize, bool)> = None;
     for part in key.split('.') {
-        let name = part.split('[').next().unwrap_or(part);
-        if name.is_empty() {
-            continue;
+        let mut pieces = part.split('[');
+        let name = pieces.next().unwrap_or(part);
+        let indices: Vec<usize> = pieces
+            .filter_map(|p| p.trim_end_matches(']').parse().ok())
+            .collect();
+        if !name.is_empty() {
+            let start = found.map_or(0, |f| f.0);
+            let parent_indent = found.map(|(i, item)| indent(lines[i]) + usize::from(item));
+            let mut hit = None;
+            for (i, line) in lines.iter().enumerate().skip(start) {
+                let code = line.split(" #").next().unwrap_or(line);
+                if code.trim().is_empty() || code.trim_start().starts_with('#') {
+                    continue;
+                }
+                let own = found.is_some_and(|f| f.0 == i);
+                // Past the parent's block: the key is not in the file (a default).
+                if !own && parent_indent.is_some_and(|p| indent(code) <= p) {
+                    break;
+                }
+                let after = match found {
+                    // An item's line: what follows its dash.
+                    Some((_, true)) if own => code.trim_start().strip_prefix('-').unwrap_or(""),
+                    // On the parent's line only what follows the parent's own key counts.
+                    _ if own => code.find(':').map_or("", |c| &code[c + 1..]),
+                    _ => code,
+                };
+                if has_key(after, name) {
+                    hit = Some(i);
+                    break;
+                }
+            }
+            match hit {
+                Some(i) => found = Some((i, false)),
+                None => break,
+            }
         }
-        let start = found.unwrap_or(0);
-        let parent_indent = found.map(|i| indent(lines[i]));
-        let mut hit = None;
-        for (i, line) in lines.iter().enumerate().skip(start) {
-            let code = line.split(" #").next().unwrap_or(line);
-            if code.trim().is_empty() || code.trim_start().starts_with('#') {
-                continue;
+        for n in indices {
+            let Some((at, _)) = found else { break };
+            match nth_item(&lines, at, n) {
+                Some(i) => found = Some((i, true)),
+                None => return found.map(|f| f.0 + 1),
             }
-            // Past the parent's block: the key is not in the file (a default).
-            if Some(i) != found && parent_indent.is_some_and(|p| indent(code) <= p) {
-                break;
-            }
-            let after = if Some(i) == found {
-                // On the parent's line only what follows the parent's own key counts.
-                code.find(':').map_or("", |c| &code[c + 1..])
-            } else {
-                code
-            };
-            if has_key(after, name) {
-                hit = Some(i);
-                break;
-            }
-        }
-        match hit {
-            Some(i) => found = Some(i),
-            None => break,
         }
     }
-    found.map(|i| i + 1)
+    found.map(|f| f.0 + 1)
+}
+
+/// The line of the `n`-th item (from 0) of the block list under the key on line `at`.
+fn nth_item(lines: &[&str], at: usize, n: usize) -> Option<usize> {
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let parent = indent(lines[at]);
+    let mut item_indent = None;
+    let mut count = 0;
+    for (i, line) in lines.iter().enumerate().skip(at + 1) {
+        let code = line.split(" #").next().unwrap_or(line);
+        let t = code.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let ind = indent(code);
+        let is_item = t == "-" || t.starts_with("- ");
+        match item_indent {
+            // A list under a key may sit at the key's own indentation.
+            None if is_item && ind >= parent => item_indent = Some(ind),
+            None => return None,
+            Some(ii) if ind < ii || (ind == ii && !is_item) => return None,
+            Some(_) => {}
+        }
+        if Some(ind) == item_indent && is_item {
+            if count == n {
+                return Some(i);
+            }
+            count += 1;
+        }
+    }
+    None
 }
 
 /// Whether `name:` stands in `code` as a mapping key (block or flow style, quoted or
@@ -267,13 +314,29 @@ mod tests {
     #[test]
     fn validation_lines_follow_the_key_path() {
         let text = "safety:\n  interlock: x\n  hv_safe_voltage: -5\ntiming: {refresh_secs: 1}\nchannels:\n  \"0\": {lv: {board: 0, setV: 13.0}}\n  \"1\": {lv: {board: 1, setV: 30}, hv: {setV: 2}}\nbatch:\n  interval_ms: 5\nother:\n  size: 0\n";
-        assert_eq!(find_key_line(text, "safety.hv_safe_voltage"), Some(3));
-        assert_eq!(find_key_line(text, "channels.1.lv.setV"), Some(7));
-        assert_eq!(find_key_line(text, "channels.1.hv.setV"), Some(7));
-        assert_eq!(find_key_line(text, "timing.refresh_secs"), Some(4));
+        assert_eq!(key_line(text, "safety.hv_safe_voltage"), Some(3));
+        assert_eq!(key_line(text, "channels.1.lv.setV"), Some(7));
+        assert_eq!(key_line(text, "channels.1.hv.setV"), Some(7));
+        assert_eq!(key_line(text, "timing.refresh_secs"), Some(4));
         // Not in its section (a default): the section's line, never another section's key.
-        assert_eq!(find_key_line(text, "batch.size"), Some(8));
-        assert_eq!(find_key_line(text, "nothing.here"), None);
+        assert_eq!(key_line(text, "batch.size"), Some(8));
+        assert_eq!(key_line(text, "nothing.here"), None);
+    }
+
+    #[test]
+    fn validation_lines_find_list_items() {
+        let text = "steps:\n  - soak: {secs: 1}\n  # a comment\n  - repeat:\n      count: 3\n      steps:\n      - soak: {secs: 5}\n      - cooling: {temp: -80}\n  - hv: {set: 900}\nrules:\n- name: a\n- name: b\n  hold: 2\n";
+        assert_eq!(key_line(text, "steps[0].soak.secs"), Some(2));
+        assert_eq!(key_line(text, "steps[1].repeat.count"), Some(5));
+        assert_eq!(
+            key_line(text, "steps[1].repeat.steps[1].cooling.temp"),
+            Some(8)
+        );
+        assert_eq!(key_line(text, "steps[2].hv.set"), Some(9));
+        assert_eq!(key_line(text, "rules[1].hold"), Some(13));
+        assert_eq!(key_line(text, "rules[1].name"), Some(12));
+        // An index past the end: the list's own line.
+        assert_eq!(key_line(text, "steps[7].hv"), Some(1));
     }
     use serde::Deserialize;
 

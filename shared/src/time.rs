@@ -50,6 +50,19 @@ impl fmt::Display for UtcNanos {
     }
 }
 
+/// A run id: the UTC start to the second and a random suffix, readable and sortable
+/// (`20261122T101502Z-3f9a`); the suffix keeps two stations from colliding in one
+/// central database.
+pub fn run_id(start: UtcNanos) -> String {
+    let t = start.to_string(); // 2026-11-22T10:15:02.123456789Z
+    let compact: String = t
+        .chars()
+        .take(19)
+        .filter(|c| c.is_ascii_digit() || *c == 'T')
+        .collect();
+    format!("{compact}Z-{:04x}", rand::random::<u16>())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,8 +28,8 @@ fn shipped_config_checks_ok() {
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains(
-            "OK (broker, caen-sim, env-sim, julabo-sim, marta-sim, ph2acf-sim, caen-fsm, interlock, \
-             julabo, marta, notifier, ph2acf-bridge, telemetry)"
+            "OK (broker, caen-sim, env-sim, julabo-sim, marta-sim, ph2acf-sim, burnin, caen-fsm, \
+             interlock, julabo, marta, notifier, ph2acf-bridge, telemetry)"
         ),
         "{text}"
     );
@@ -625,6 +625,7 @@ fn dcs_run_is_each_components_own_entry_point() {
         ("telemetry", "telemetry.yaml"),
         ("interlock", "interlock.yaml"),
         ("ph2acf-bridge", "ph2acf.yaml"),
+        ("burnin", "burnin.yaml"),
         ("caen-sim", "caen.yaml"),
         ("julabo-sim", "julabo-sim.yaml"),
         ("env-sim", "env-sim.yaml"),

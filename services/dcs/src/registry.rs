@@ -107,6 +107,7 @@ pub static COMPONENTS: &[Component] = &[
     Component::program::<interlock::Interlock>(Kind::Service),
     Component::program::<notifier::Notifier>(Kind::Service),
     Component::program::<ph2acf::Bridge>(Kind::Service),
+    Component::program::<burnin::Burnin>(Kind::Service),
     Component::program::<caen_sim::CaenSim>(Kind::Simulator),
     Component::program::<julabo_sim::JulaboSim>(Kind::Simulator),
     Component::program::<marta_sim::MartaSim>(Kind::Simulator),

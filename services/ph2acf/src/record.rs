@@ -241,16 +241,9 @@ impl RunRecord {
     }
 }
 
-/// A new run id: UTC start time and a random suffix, readable and sortable
-/// (`20261122T101502Z-3f9a`).
+/// A new run id: UTC start time and a random suffix (`20261122T101502Z-3f9a`).
 pub fn new_run_id(start: UtcNanos) -> String {
-    let t = start.to_string(); // 2026-11-22T10:15:02.123456789Z
-    let compact: String = t
-        .chars()
-        .take(19)
-        .filter(|c| c.is_ascii_digit() || *c == 'T')
-        .collect();
-    format!("{compact}Z-{:04x}", rand::random::<u16>())
+    dcs_shared::time::run_id(start)
 }
 
 #[cfg(test)]
