@@ -104,8 +104,13 @@ fn simulated_stack(dir: &Path, services: &str, simulators: &str) -> (Command, u1
         "notifier.yaml",
         "marta.yaml",
         "marta-registers.yaml",
+        "burnin.yaml",
     ] {
         copy(f, &[]);
+    }
+    std::fs::create_dir_all(dir.join("burnin")).unwrap();
+    for f in ["short.yaml", "reference.yaml"] {
+        copy(&format!("burnin/{f}"), &[]);
     }
     let (modbus, modbus_ctl) = (free_port(), free_port());
     copy(
@@ -396,7 +401,7 @@ async fn a_healthy_stack_is_quiet_from_start_to_clean_stop() {
         "caen-fsm: {config: caen.yaml}, julabo: {config: julabo.yaml}, \
          marta: {config: marta.yaml}, telemetry: {config: telemetry.yaml}, \
          interlock: {config: interlock.yaml}, notifier: {config: notifier.yaml}, \
-         ph2acf-bridge: {config: ph2acf.yaml}",
+         ph2acf-bridge: {config: ph2acf.yaml}, burnin: {config: burnin.yaml}",
         "caen-sim: {config: caen.yaml}, julabo-sim: {config: julabo-sim.yaml}, \
          marta-sim: {config: marta-sim.yaml}, env-sim: {config: env-sim.yaml}, \
          ph2acf-sim: {config: ph2acf-sim.yaml}",
@@ -696,4 +701,262 @@ fn dcs_run_is_each_components_own_entry_point() {
         }
     }
     drop(taken);
+}
+
+/// Edits `file` in place: each `from` must be in it (a shipped file that changed must
+/// not silently leave a test on its defaults).
+fn swap(file: &Path, swaps: &[(&str, &str)]) {
+    let mut text = std::fs::read_to_string(file).unwrap();
+    for (from, to) in swaps {
+        assert!(text.contains(from), "`{from}` not in {}", file.display());
+        text = text.replace(from, to);
+    }
+    std::fs::write(file, text).unwrap();
+}
+
+/// The short burn-in sequence on the whole simulated stack, as an operator runs it:
+/// started over MQTT, an interlock trip in the cold phase (env-sim raises the dew
+/// point) pauses it without a fight, dry air and an acknowledgement let it resume by
+/// itself after the hold time with the step redone; `burnin` SIGKILLed during an IV
+/// scan is restarted by the launcher and resumes at that step; the run ends done, every
+/// step done once, the pauses, IV points (with their conditions) and the calibration's
+/// run id in the run document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burn_in_pauses_on_a_trip_resumes_by_itself_and_survives_a_kill() {
+    let _turn = WHOLE_STACK.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cmd, p4, _) = simulated_stack(
+        dir.path(),
+        "caen-fsm: {config: caen.yaml}, julabo: {config: julabo.yaml}, \
+         interlock: {config: interlock.yaml}, ph2acf-bridge: {config: ph2acf.yaml}, \
+         burnin: {config: burnin.yaml}",
+        "caen-sim: {config: caen.yaml}, julabo-sim: {config: julabo-sim.yaml}, \
+         env-sim: {config: env-sim.yaml}, ph2acf-sim: {config: ph2acf-sim.yaml}",
+    );
+    // Time scale: a bath that settles in seconds, read every second, 2 s calibrations,
+    // a 3 s hold before resuming.
+    let d = dir.path();
+    swap(
+        &d.join("julabo-sim.yaml"),
+        &[("tau_secs: 60", "tau_secs: 1")],
+    );
+    swap(
+        &d.join("julabo.yaml"),
+        &[("poll_interval_secs: 5", "poll_interval_secs: 1")],
+    );
+    swap(
+        &d.join("ph2acf-sim.yaml"),
+        &[("run_secs: 20", "run_secs: 2")],
+    );
+    swap(
+        &d.join("burnin.yaml"),
+        &[("hold_secs: 300", "hold_secs: 3")],
+    );
+    let mut up = spawn_until(cmd, "dcs: up;", WAIT);
+    let secret = std::fs::read_to_string(d.join("state/secret")).unwrap();
+    let mut o = Observer::connect_as(
+        p4,
+        "obs",
+        "alice",
+        secret.trim(),
+        &[
+            "burnin/status",
+            "burnin/reply",
+            "interlock/status",
+            "alarms/reply",
+            "env-sim/reply",
+            "dcs-launcher/status",
+        ],
+    )
+    .await;
+    let long = Duration::from_secs(120);
+    o.wait_json("interlock/status", long, "state OK", |v| v["state"] == "OK")
+        .await;
+    o.wait_json("burnin/status", WAIT, "idle", |v| v["state"] == "idle")
+        .await;
+
+    let r = o
+        .command(
+            "burnin",
+            "start",
+            r#"{"sequence": "short", "modules": ["module_0", "module_1"], "operator": "ana", "comment": "ci"}"#,
+            WAIT,
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let again = o
+        .command(
+            "burnin",
+            "start",
+            r#"{"sequence": "short", "modules": ["module_0"], "operator": "bob"}"#,
+            WAIT,
+        )
+        .await;
+    assert!(
+        again["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("abort it first"),
+        "{again}"
+    );
+
+    // Cold phase of cycle 1: the box gets humid.
+    let s = o
+        .wait_json("burnin/status", long, "cycle 1 soak", |v| {
+            v["step"]["path"] == "cycle 1/2, step 2 soak"
+        })
+        .await;
+    let run_id = s["run_id"].as_str().unwrap().to_string();
+    let r = o
+        .command(
+            "env-sim",
+            "set",
+            r#"{"board": "ESP01", "temp": 21.0, "humi": 95.0}"#,
+            WAIT,
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    let p = o
+        .wait_json("burnin/status", long, "paused by the interlock", |v| {
+            v["state"] == "paused"
+        })
+        .await;
+    assert!(
+        p["pause"]["reason"].as_str().unwrap().contains("interlock"),
+        "{p}"
+    );
+    // Dry air back, the alarm acknowledged: the run goes on by itself.
+    let r = o
+        .command(
+            "env-sim",
+            "set",
+            r#"{"board": "ESP01", "temp": 21.0, "humi": 40.0}"#,
+            WAIT,
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    o.wait_json("interlock/status", long, "dew point normal", |v| {
+        v["conditions"]["dew_point"] == "normal"
+    })
+    .await;
+    // (Acknowledged already if the interlock had cleared it by itself.)
+    let r = o
+        .command(
+            "alarms",
+            "ack",
+            r#"{"rule": "dew_point", "operator": "ana"}"#,
+            WAIT,
+        )
+        .await;
+    assert!(
+        r["ok"] == true
+            || r["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("nothing to acknowledge")),
+        "{r}"
+    );
+    o.wait_json("burnin/status", long, "resumed", |v| {
+        v["state"] == "running" && v["phase"] == "step"
+    })
+    .await;
+
+    // Killed in the middle of the second IV scan.
+    o.wait_json("burnin/status", long, "cycle 2 IV scan", |v| {
+        v["step"]["path"] == "cycle 2/2, step 3 iv_scan"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    o.discard("dcs-launcher/status");
+    o.publish("dcs-launcher/cmd/refresh", "").await;
+    let l = o
+        .wait_json("dcs-launcher/status", WAIT, "burnin's pid", |v| {
+            pid_of(v, "burnin").is_some()
+        })
+        .await;
+    let pid = pid_of(&l, "burnin").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill burnin");
+    o.wait_json("burnin/status", long, "resumed after the restart", |v| {
+        v["pause"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("restarted"))
+    })
+    .await;
+    let end = o
+        .wait_json("burnin/status", Duration::from_secs(240), "done", |v| {
+            matches!(v["state"].as_str(), Some("done" | "aborted" | "failed"))
+        })
+        .await;
+    assert_eq!(end["state"], "done", "{end}\n{}", up.stderr_text());
+
+    let doc: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.join(format!("state/burnin/runs/{run_id}.json"))).unwrap(),
+    )
+    .unwrap();
+    let steps = doc["steps"].as_array().unwrap();
+    let total = doc["total"].as_u64().unwrap();
+    for i in 0..total {
+        let done = steps
+            .iter()
+            .filter(|s| s["index"] == i && s["outcome"] == "done")
+            .count();
+        assert_eq!(done, 1, "step {i} done once: {steps:#?}");
+    }
+    let pauses = doc["pauses"].as_array().unwrap();
+    assert!(
+        pauses
+            .iter()
+            .all(|p| p["end_ns"].as_i64() > p["start_ns"].as_i64()),
+        "{pauses:#?}"
+    );
+    assert!(
+        pauses
+            .iter()
+            .any(|p| p["reason"].as_str().unwrap().contains("interlock")),
+        "{pauses:#?}"
+    );
+    assert!(
+        pauses.iter().any(|p| p["reason"] == "burnin restarted"),
+        "{pauses:#?}"
+    );
+    // The trip and the kill, nothing else (a refused command would be a pause too).
+    assert_eq!(pauses.len(), 2, "{pauses:#?}");
+    let iv: Vec<&serde_json::Value> = steps
+        .iter()
+        .filter(|s| s["kind"] == "iv_scan" && s["outcome"] == "done")
+        .collect();
+    assert_eq!(iv.len(), 2);
+    for s in &iv {
+        for ch in ["0", "1"] {
+            let curve = &s["data"]["iv"][ch];
+            assert_eq!(curve["end"], "complete", "{curve}");
+            let pts = curve["points"].as_array().unwrap();
+            // 10, 20, 30, 40, 50, 75, 100 V: one point each, none twice.
+            let v: Vec<f64> = pts.iter().map(|p| p["v_set"].as_f64().unwrap()).collect();
+            assert_eq!(v, [10.0, 20.0, 30.0, 40.0, 50.0, 75.0, 100.0], "{curve}");
+            let last = &pts[6];
+            assert!((last["v"].as_f64().unwrap() - 100.0).abs() < 2.0, "{last}");
+            // 100 V on the simulator's 100 MOhm load: 1 uA.
+            assert!((last["i_ua"].as_f64().unwrap() - 1.0).abs() < 0.1, "{last}");
+            assert!(
+                last["env"]["env"]["dew_point"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty()),
+                "{last}"
+            );
+        }
+    }
+    let cal = steps
+        .iter()
+        .find(|s| s["kind"] == "calibration" && s["outcome"] == "done")
+        .unwrap();
+    assert!(cal["data"]["ph2acf_run_id"].is_string(), "{cal}");
+    assert_eq!(cal["data"]["status"], "done", "{cal}");
+    let status = up
+        .terminate(Duration::from_secs(20))
+        .expect("dcs up did not stop within 20 s");
+    assert!(status.success(), "{status}");
 }

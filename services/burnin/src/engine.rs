@@ -835,7 +835,18 @@ impl Engine {
         for (ch, v) in &d.lv_set {
             actions.push_back(self.send(&format!("setv/lv/{ch}"), show(*v)));
         }
-        for ch in &lv_on {
+        // Only what is not on already: an `on` to a channel that is on is no change,
+        // and its reply would come before any new status, so the wait would pass on it.
+        let is_on = |ch: &String, lv: bool| {
+            self.world.channels.get(ch).is_some_and(|c| {
+                if lv {
+                    c.lv_on == Some(true) && !c.lv_ramping
+                } else {
+                    c.hv_on == Some(true) && !c.hv_ramping
+                }
+            })
+        };
+        for ch in lv_on.iter().filter(|c| !is_on(c, true)) {
             actions.push_back(self.send(&format!("switch/lv/{ch}"), "on".into()));
         }
         if !lv_on.is_empty() {
@@ -856,7 +867,7 @@ impl Engine {
                 .filter(|(_, &on)| on)
                 .map(|(c, _)| c.clone())
                 .collect();
-        for ch in &hv_on {
+        for ch in hv_on.iter().filter(|c| !is_on(c, false)) {
             actions.push_back(self.send(&format!("switch/hv/{ch}"), "on".into()));
         }
         if !hv_on.is_empty() {
@@ -1309,7 +1320,10 @@ impl Engine {
                 for ch in channels {
                     let c = w.channels.get(ch);
                     let state = c.and_then(|c| if lv { c.lv_on } else { c.hv_on });
-                    if state != Some(*on) {
+                    // On means on and done ramping (the CAEN FSM refuses HV on while
+                    // LV still ramps up).
+                    let ramping = c.is_some_and(|c| if lv { c.lv_ramping } else { c.hv_ramping });
+                    if state != Some(*on) || (*on && ramping) {
                         return (
                             false,
                             format!(
@@ -1789,6 +1803,8 @@ mod tests {
         refuse: bool,
         sent: Vec<(String, String)>,
         bridge_run: u32,
+        /// LV channels still ramping up (one clock step), as the CAEN FSM reports them.
+        lv_ramping: std::collections::BTreeSet<String>,
     }
 
     const SEQ: &str = "steps:\n  - cooling: {temp: 20, hold_secs: 2}\n  - require: {rh_below: 60, dew_margin: 5}\n  - lv: {switch: \"on\"}\n  - hv: {set: 0}\n  - hv: {switch: \"on\"}\n  - repeat:\n      count: 2\n      steps:\n        - cooling: {temp: -30, hold_secs: 2}\n        - soak: {secs: 3}\n        - iv_scan: {segments: [{to: 50, step: 10}], ramp_rate: 50, settle_secs: 1, compliance_ua: 10}\n        - cooling: {temp: 20, hold_secs: 2}\n  - calibration: {calibration: pedenoise, config: PS_module}\n  - hv: {switch: \"off\"}\n  - lv: {switch: \"off\"}\n";
@@ -1816,6 +1832,7 @@ mod tests {
                 refuse: false,
                 sent: vec![],
                 bridge_run: 0,
+                lv_ramping: Default::default(),
             };
             lab.publish_all();
             lab
@@ -1855,7 +1872,8 @@ mod tests {
                 0.0
             };
             let i = v * self.leak[ch];
-            let doc = json!({"module": format!("m{ch}"), "lv_status": u8::from(lv), "hv_status": u8::from(hv), "hv_vMon": v, "hv_iMon": i, "lv_vMon": if lv {12.0} else {0.0}});
+            let lv_status = u8::from(lv) | if self.lv_ramping.contains(ch) { 2 } else { 0 };
+            let doc = json!({"module": format!("m{ch}"), "lv_status": lv_status, "hv_status": u8::from(hv), "hv_vMon": v, "hv_iMon": i, "lv_vMon": if lv {12.0} else {0.0}});
             self.feed(&format!("dcs/channels/{ch}"), &doc.to_string());
         }
 
@@ -1883,13 +1901,19 @@ mod tests {
                         if *kind == "lv" {
                             ok = !on || (self.permit && self.interlock == "OK");
                             if ok {
-                                self.lv.insert(ch.to_string(), on);
+                                let was = self.lv.insert(ch.to_string(), on);
+                                if on && was != Some(true) {
+                                    self.lv_ramping.insert(ch.to_string());
+                                }
                                 if !on {
                                     self.hv.insert(ch.to_string(), false);
                                 }
                             }
                         } else {
-                            ok = !on || self.lv.get(*ch) == Some(&true);
+                            // As the CAEN FSM: HV on only once LV is on and done ramping.
+                            ok = !on
+                                || (self.lv.get(*ch) == Some(&true)
+                                    && !self.lv_ramping.contains(*ch));
                             if ok {
                                 self.hv.insert(ch.to_string(), on);
                             }
@@ -1925,6 +1949,7 @@ mod tests {
         fn step(&mut self, ms: u64) {
             self.now += Duration::from_millis(ms);
             self.wall += i64::try_from(ms).unwrap() * 1_000_000;
+            self.lv_ramping.clear();
             self.publish_all();
             let fx = self.engine.tick(self.now, self.w());
             self.carry(fx);
@@ -1979,7 +2004,8 @@ mod tests {
         lab.run_until(done, 600);
         let run = lab.engine.run().unwrap();
         assert_eq!(run.state, RunState::Done);
-        assert_eq!(run.steps.len(), run.total);
+        assert_eq!(run.steps.len(), run.total, "{:#?}", run.pauses);
+        assert!(run.pauses.is_empty(), "{:#?}", run.pauses);
         assert!(run.steps.iter().all(|s| s.outcome == "done"));
         let iv: Vec<&StepRecord> = run.steps.iter().filter(|s| s.kind == "iv_scan").collect();
         assert_eq!(iv.len(), 2);
@@ -2091,7 +2117,7 @@ mod tests {
         );
         lab.run_until(done, 600);
         let run = lab.engine.run().unwrap();
-        assert_eq!(run.state, RunState::Done);
+        assert_eq!(run.state, RunState::Done, "{:#?}", run.pauses);
         for i in 0..run.total {
             let n = run
                 .steps

@@ -61,6 +61,8 @@ pub struct Channel {
     pub lv_on: Option<bool>,
     /// HV on or ramping.
     pub hv_on: Option<bool>,
+    /// LV ramping (status bits 1-2): not yet confirmed either way.
+    pub lv_ramping: bool,
     /// HV ramping (status bits 1-2).
     pub hv_ramping: bool,
     /// HV VMon, volts.
@@ -185,6 +187,7 @@ impl World {
                         .map(String::from),
                     lv_on: status("lv_status").map(|s| s & 0b111 != 0),
                     hv_on: status("hv_status").map(|s| s & 0b111 != 0),
+                    lv_ramping: status("lv_status").is_some_and(|s| s & 0b110 != 0),
                     hv_ramping: status("hv_status").is_some_and(|s| s & 0b110 != 0),
                     hv_v: f("hv_vMon"),
                     hv_i: f("hv_iMon"),
