@@ -250,6 +250,34 @@ impl InfluxWriter {
     }
 }
 
+/// Delivers a queue of line-protocol batches (one record = one batch) to InfluxDB with
+/// the writer, until `shutdown`: a refused batch is set aside, anything else retried.
+pub async fn deliver_outbox(
+    queue: crate::outbox::Outbox,
+    settings: InfluxSettings,
+    shutdown: crate::shutdown::CancellationToken,
+) {
+    use crate::outbox::Delivery;
+    let writer = std::sync::Arc::new(InfluxWriter::new(settings));
+    queue
+        .deliver(
+            move |bytes| {
+                let writer = writer.clone();
+                async move {
+                    let lines = String::from_utf8_lossy(&bytes).into_owned();
+                    match tokio::task::spawn_blocking(move || writer.write(&lines)).await {
+                        Ok(Ok(())) => Delivery::Done,
+                        Ok(Err(e @ WriteError::Rejected { .. })) => Delivery::Reject(e.to_string()),
+                        Ok(Err(e)) => Delivery::Retry(e.to_string()),
+                        Err(e) => Delivery::Retry(format!("writer task: {e}")),
+                    }
+                }
+            },
+            shutdown,
+        )
+        .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

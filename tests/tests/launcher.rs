@@ -714,13 +714,15 @@ fn swap(file: &Path, swaps: &[(&str, &str)]) {
     std::fs::write(file, text).unwrap();
 }
 
-/// The short burn-in sequence on the whole simulated stack, as an operator runs it:
+/// The short burn-in sequence on the whole simulated stack with InfluxDB and a
+/// MongoDB-wire server, as an operator runs it:
 /// started over MQTT, an interlock trip in the cold phase (env-sim raises the dew
 /// point) pauses it without a fight, dry air and an acknowledgement let it resume by
 /// itself after the hold time with the step redone; `burnin` SIGKILLed during an IV
 /// scan is restarted by the launcher and resumes at that step; the run ends done, every
 /// step done once, the pauses, IV points (with their conditions) and the calibration's
-/// run id in the run document.
+/// run id in the run document, which reaches MongoDB; `burnin_steps` points in
+/// InfluxDB; `dcs burnin show` prints it and writes the IV curves as CSV.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burn_in_pauses_on_a_trip_resumes_by_itself_and_survives_a_kill() {
     let _turn = WHOLE_STACK.lock().await;
@@ -752,6 +754,11 @@ async fn a_burn_in_pauses_on_a_trip_resumes_by_itself_and_survives_a_kill() {
         &d.join("burnin.yaml"),
         &[("hold_secs: 300", "hold_secs: 3")],
     );
+    let influx = dcs_integration_tests::db::Influx::start();
+    let mongo = dcs_integration_tests::db::Mongo::start();
+    let mut cmd = cmd;
+    cmd.env("DCS_INFLUX_URL", influx.url())
+        .env("DCS_MONGODB_URI", mongo.uri());
     let mut up = spawn_until(cmd, "dcs: up;", WAIT);
     let secret = std::fs::read_to_string(d.join("state/secret")).unwrap();
     let mut o = Observer::connect_as(
@@ -949,6 +956,61 @@ async fn a_burn_in_pauses_on_a_trip_resumes_by_itself_and_survives_a_kill() {
             );
         }
     }
+    // Every step start and end, the two pauses and resumes, the end: in InfluxDB.
+    let q = format!("SELECT * FROM burnin_steps WHERE run_id = '{run_id}'");
+    let rows = influx.wait_rows(&q, long, |r| r.iter().any(|p| p["event"] == "run_end"));
+    let count = |e: &str| rows.iter().filter(|p| p["event"] == e).count();
+    assert_eq!(count("step_end"), total as usize, "{rows:#?}");
+    assert_eq!(count("step_start"), steps.len(), "{rows:#?}");
+    assert_eq!(count("pause"), 2, "{rows:#?}");
+    assert_eq!(count("resume"), 2, "{rows:#?}");
+    // The document reached MongoDB: `dcs burnin show` finds it there once the local
+    // copies (the run's file, the checkpoint of the last run) are moved away.
+    let local = d.join(format!("state/burnin/runs/{run_id}.json"));
+    std::fs::rename(&local, d.join("moved.json")).unwrap();
+    std::fs::rename(
+        d.join("state/burnin/checkpoint.json"),
+        d.join("moved-checkpoint.json"),
+    )
+    .unwrap();
+    let show = |args: &[&str]| {
+        Command::new(bin("dcs"))
+            .args(["burnin", "show", &run_id, "--config"])
+            .arg(d.join("dcs.yaml"))
+            .args(args)
+            .env("DCS_STATE_DIR", d.join("state"))
+            .env("DCS_MONGODB_URI", mongo.uri())
+            .output()
+            .unwrap()
+    };
+    let deadline = Instant::now() + WAIT;
+    let from_mongo = loop {
+        let out = show(&["--json"]);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let err = String::from_utf8_lossy(&from_mongo.stderr);
+    assert!(from_mongo.status.success(), "{err}");
+    assert!(err.contains("from MongoDB"), "{err}");
+    let stored: serde_json::Value = serde_json::from_slice(&from_mongo.stdout).unwrap();
+    assert_eq!(stored["steps"], doc["steps"]);
+    let csv = d.join("csv");
+    let out = show(&["--csv", csv.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("pauses: 2"), "{table}");
+    assert!(
+        table.contains("cycle 2/2, step 3 iv_scan channel 1 (complete)"),
+        "{table}"
+    );
+    let files = std::fs::read_dir(&csv).unwrap().count();
+    assert_eq!(files, 4, "two scans of two channels");
     let cal = steps
         .iter()
         .find(|s| s["kind"] == "calibration" && s["outcome"] == "done")

@@ -59,6 +59,11 @@ impl Checkpoints {
         Ok(f)
     }
 
+    /// The checkpoint in `dir`, read without creating anything (for `dcs burnin show`).
+    pub fn peek(dir: &Path) -> Option<Json> {
+        serde_json::from_slice(&fs::read(dir.join("checkpoint.json")).ok()?).ok()
+    }
+
     /// A finished run's document.
     pub fn run_document(dir: &Path, id: &str) -> Result<Json, String> {
         let f = dir.join("runs").join(format!("{id}.json"));

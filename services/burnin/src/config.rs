@@ -12,7 +12,9 @@ use serde::Deserialize;
 
 use crate::engine::Settings;
 use crate::sequence::Limits;
+use crate::store::MongoSettings;
 use crate::world::Names;
+use dcs_shared::influx::InfluxSettings;
 
 /// Everything `burnin` needs.
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +45,12 @@ pub struct BurninConfig {
     /// Clock and timeouts.
     #[serde(default)]
     pub timing: Timing,
+    /// Where run documents go (also kept as files in `state_dir/runs/`).
+    #[serde(default)]
+    pub mongodb: MongoSettings,
+    /// Where `burnin_steps` points go; `DCS_INFLUX_*` override.
+    #[serde(default)]
+    pub influx: Option<InfluxSettings>,
     /// Broker settings when run alone (`dcs up` passes the stack's).
     #[serde(default)]
     pub mqtt: MqttSettings,
@@ -168,6 +176,12 @@ impl Validate for BurninConfig {
                 return invalid(k, "must be > 0 and at most a week");
             }
         }
+        if let Some(i) = self.influx.as_ref().filter(|i| !i.url.trim().is_empty()) {
+            i.check().map_err(|(k, m)| (format!("influx.{k}"), m))?;
+        }
+        if !(self.mongodb.timeout_secs.is_finite() && self.mongodb.timeout_secs > 0.0) {
+            return invalid("mongodb.timeout_secs", "must be > 0");
+        }
         self.mqtt.check()
     }
 }
@@ -184,6 +198,12 @@ impl BurninConfig {
             chiller_setpoint: self.chiller_setpoint,
             limits: self.limits,
         }
+    }
+
+    /// InfluxDB settings with `DCS_INFLUX_*` applied; `None` when no URL is set.
+    pub fn influx(&self) -> Option<InfluxSettings> {
+        let o = self.influx.clone()?.with_env_overrides();
+        (!o.url.trim().is_empty()).then_some(o)
     }
 
     /// The sequences that can be started: (name, file), sorted.

@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use dcs_shared::line_protocol::{FieldValue, Point};
 use dcs_shared::UtcNanos;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
@@ -64,6 +65,8 @@ pub enum Effect {
     Checkpoint(Option<Json>),
     /// A finished run's document, to be stored.
     Record(Json),
+    /// A `burnin_steps` point for InfluxDB (step start and end, pause, resume, run end).
+    Point(Point),
     /// A line for the log: (warn?, message).
     Log(bool, String),
 }
@@ -450,6 +453,7 @@ impl Engine {
         self.run = Some(run);
         self.exec = None;
         out.push(self.checkpoint());
+        out.push(self.mark("pause", Some("burnin restarted"), wall));
         out.push(self.status(wall));
         out
     }
@@ -792,9 +796,13 @@ impl Engine {
             end_ns: None,
         });
         run.state = RunState::Paused {
-            reason,
+            reason: reason.clone(),
             since_ns: wall.as_nanos(),
             manual,
+        };
+        out.push(self.mark("pause", Some(&reason), wall));
+        let Some(run) = self.run.as_mut() else {
+            return out;
         };
         let automatic = run
             .pauses
@@ -881,10 +889,13 @@ impl Engine {
             });
         }
         self.exec = Some(Exec::new(actions, now));
-        let mut out = vec![Effect::Log(
-            false,
-            "conditions normal: restoring the step's preconditions".into(),
-        )];
+        let mut out = vec![
+            Effect::Log(
+                false,
+                "conditions normal: restoring the step's preconditions".into(),
+            ),
+            self.mark("resume", None, wall),
+        ];
         out.push(self.checkpoint());
         out.extend(self.tick(now, wall));
         out.push(self.status(wall));
@@ -1050,6 +1061,7 @@ impl Engine {
         let mut out = vec![
             Effect::Log(false, format!("step {}", leaf.path)),
             self.checkpoint(),
+            self.mark("step_start", None, wall),
         ];
         // The conditions as this step needs them (an LV-on step needs the permit).
         out.extend(self.tick(now, wall));
@@ -1113,9 +1125,13 @@ impl Engine {
                 s.data = json!({"iv": iv});
             }
         }
-        run.index += 1;
+        let mut out = vec![self.mark("step_end", None, wall)];
+        if let Some(run) = self.run.as_mut() {
+            run.index += 1;
+        }
         self.exec = None;
-        self.begin_step(now, wall)
+        out.extend(self.begin_step(now, wall));
+        out
     }
 
     fn finish(&mut self, wall: UtcNanos) -> Vec<Effect> {
@@ -1130,6 +1146,7 @@ impl Engine {
             Effect::Log(false, format!("run {} done", run.id)),
             Effect::Record(record),
             self.checkpoint(),
+            self.mark("run_end", None, wall),
             self.status(wall),
         ]
     }
@@ -1292,10 +1309,15 @@ impl Engine {
         };
         run.end_ns = Some(wall.as_nanos());
         let record = serde_json::to_value(&*run).unwrap_or(Json::Null);
+        let why = match &run.state {
+            RunState::Failed { reason } | RunState::Aborted { reason } => reason.clone(),
+            _ => String::new(),
+        };
         vec![
             Effect::Log(true, format!("run {} {end}", run.id)),
             Effect::Record(record),
             self.checkpoint(),
+            self.mark("run_end", Some(&why), wall),
             self.status(wall),
         ]
     }
@@ -1631,6 +1653,51 @@ impl Engine {
             ));
         }
         Ok(false)
+    }
+
+    /// A `burnin_steps` point (tags `event`: `step_start`, `step_end`, `pause`,
+    /// `resume`, `run_end`; `kind`, `run_id`, `sequence`): the step's index, path and outcome,
+    /// the run's state, the reason of a pause or an end, the step's duration at its end.
+    fn mark(&self, event: &str, reason: Option<&str>, wall: UtcNanos) -> Effect {
+        let Some(run) = &self.run else {
+            return Effect::Log(false, format!("{event} without a run"));
+        };
+        let step = run.steps.last().filter(|s| s.index == run.index);
+        let mut fields = vec![
+            ("index".to_string(), FieldValue::Int(run.index as i64)),
+            ("path".into(), FieldValue::Str(self.path(run.index))),
+            ("state".into(), FieldValue::Str(run.state.name().into())),
+        ];
+        if let Some(s) = step {
+            fields.push(("outcome".into(), FieldValue::Str(s.outcome.clone())));
+            if let Some(e) = s.end_ns {
+                fields.push((
+                    "duration_s".into(),
+                    FieldValue::Float((e - s.start_ns) as f64 / 1e9),
+                ));
+            }
+        }
+        if let Some(r) = reason.filter(|r| !r.is_empty()) {
+            fields.push(("reason".into(), FieldValue::Str(r.into())));
+        }
+        let kind = match event {
+            "step_start" | "step_end" => step.map_or("step", |s| s.kind.as_str()),
+            "pause" | "resume" => "pause",
+            _ => "run",
+        };
+        Effect::Point(Point {
+            measurement: "burnin_steps".into(),
+            // `event` a tag: a step's end and the next step's start share an instant,
+            // and points of one series at one instant replace each other.
+            tags: vec![
+                ("event".into(), event.into()),
+                ("kind".into(), kind.into()),
+                ("run_id".into(), run.id.clone()),
+                ("sequence".into(), run.sequence.clone()),
+            ],
+            fields,
+            timestamp_ns: wall.as_nanos(),
+        })
     }
 
     /// The checkpoint of the run.

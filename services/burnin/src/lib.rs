@@ -4,7 +4,8 @@
 //!
 //! Layers: [`sequence`] (the sequence files, pure), [`world`] (what the other services
 //! publish), [`engine`] (the run, pure: messages and clock in, commands out),
-//! [`checkpoint`] (atomic file), [`commands`] (operator commands), [`service`] (MQTT).
+//! [`checkpoint`] (atomic file), [`commands`] (operator commands), [`store`] (MongoDB),
+//! [`service`] (MQTT, the durable queues in front of MongoDB and InfluxDB).
 //! [`config`] is `burnin.yaml`. See `docs/burnin.md`.
 
 pub mod checkpoint;
@@ -13,6 +14,8 @@ pub mod config;
 pub mod engine;
 pub mod sequence;
 pub mod service;
+pub mod show;
+pub mod store;
 pub mod world;
 
 pub use config::BurninConfig;

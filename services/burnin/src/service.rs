@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use dcs_shared::line_protocol;
+use dcs_shared::outbox::Outbox;
 use dcs_shared::shutdown::CancellationToken;
 use dcs_shared::{command, MqttSettings, QoS, Session, SessionEvent, SessionOptions, UtcNanos};
 
@@ -12,12 +14,15 @@ use crate::commands::BurninCommand;
 use crate::config::BurninConfig;
 use crate::engine::{Effect, Engine, Request, Run};
 use crate::sequence;
+use crate::store::RunStore;
 use crate::world::World;
 
 struct Io {
     session: Session,
     checkpoints: Checkpoints,
     status_topic: String,
+    mongo: Outbox,
+    influx: Outbox,
 }
 
 impl Io {
@@ -49,6 +54,20 @@ impl Io {
                             tracing::error!(run = id, error = %e, "cannot keep the run document")
                         }
                     }
+                    if let Err(e) = self.mongo.push(doc.to_string().as_bytes()) {
+                        tracing::error!(run = id, error = %e, "cannot queue the run document for MongoDB (the file is kept)");
+                    }
+                }
+                Effect::Point(p) => {
+                    let mut line = String::new();
+                    match line_protocol::encode(&p, &mut line) {
+                        Ok(()) => {
+                            if let Err(e) = self.influx.push(line.as_bytes()) {
+                                tracing::error!(error = %e, "cannot queue a burnin_steps point");
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e.0, "burnin_steps point not encodable"),
+                    }
                 }
                 Effect::Log(false, m) => tracing::info!("{m}"),
                 Effect::Log(true, m) => tracing::warn!("{m}"),
@@ -66,6 +85,13 @@ pub async fn run(
     let checkpoints = Checkpoints::open(&cfg.state_dir)
         .map_err(|e| anyhow::anyhow!("cannot use state_dir {}: {e}", cfg.state_dir.display()))?;
     let saved = checkpoints.load().map_err(anyhow::Error::msg)?;
+    let queue_dir = cfg.state_dir.join("queue");
+    let mongo = Outbox::open(&queue_dir, "mongodb")
+        .map_err(|e| anyhow::anyhow!("queue {}: {e}", queue_dir.display()))?;
+    let influx = Outbox::open(&queue_dir, "influxdb")
+        .map_err(|e| anyhow::anyhow!("queue {}: {e}", queue_dir.display()))?;
+    let delivery_stop = CancellationToken::new();
+    start_delivery(&cfg, &mongo, &influx, &delivery_stop);
     let world = World::new(cfg.services.clone(), &cfg.environment, Instant::now());
     let mut engine = Engine::new(&cfg.name, cfg.settings(), world);
     let mut options = SessionOptions::new(&cfg.name);
@@ -78,6 +104,8 @@ pub async fn run(
         session: session.clone(),
         checkpoints,
         status_topic: format!("{}/status", cfg.name),
+        mongo,
+        influx,
     };
     let mut startup = Vec::new();
     if let Some(doc) = saved {
@@ -138,8 +166,53 @@ pub async fn run(
             },
         }
     }
+    delivery_stop.cancel();
     session.shutdown().await;
     Ok(())
+}
+
+/// Starts delivery from the queues to the databases that are configured; the others
+/// keep their records until one is.
+fn start_delivery(cfg: &BurninConfig, mongo: &Outbox, influx: &Outbox, stop: &CancellationToken) {
+    match cfg.mongodb.effective() {
+        Some(settings) => {
+            let (q, stop) = (mongo.clone(), stop.clone());
+            tokio::spawn(async move {
+                let store = match RunStore::new(&settings).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "MongoDB not usable: run documents stay queued");
+                        return;
+                    }
+                };
+                let store = std::sync::Arc::new(tokio::sync::Mutex::new(store));
+                q.deliver(
+                    move |bytes| {
+                        let store = store.clone();
+                        async move { store.lock().await.store(&bytes).await }
+                    },
+                    stop,
+                )
+                .await;
+            });
+        }
+        // A configuration choice (the simulated stack's), said once: not a warning.
+        None => tracing::info!(
+            "no MongoDB configured (mongodb.uri, DCS_MONGODB_URI): run documents are kept in state_dir/runs and queued"
+        ),
+    }
+    match cfg.influx() {
+        Some(settings) => {
+            tokio::spawn(dcs_shared::influx::deliver_outbox(
+                influx.clone(),
+                settings,
+                stop.clone(),
+            ));
+        }
+        None => tracing::info!(
+            "no InfluxDB configured (influx.url, DCS_INFLUX_URL): burnin_steps points are queued"
+        ),
+    }
 }
 
 /// An operator command as the engine takes it (a start loads its sequence file).

@@ -5,7 +5,8 @@
 //! - `dcs check --config FILE` validates a stack config and every file it names;
 //! - `dcs run NAME --config FILE` runs one component in this process (what `dcs up`
 //!   starts for each child);
-//! - `dcs alarms log [--since 12h] [--rule RULE]` prints the alarm journal.
+//! - `dcs alarms log [--since 12h] [--rule RULE]` prints the alarm journal;
+//! - `dcs burnin show RUN_ID [--json] [--csv DIR]` prints a burn-in run.
 
 mod components;
 mod launcher;
@@ -67,6 +68,29 @@ enum Cmd {
     Alarms {
         #[command(subcommand)]
         what: Alarms,
+    },
+    /// Burn-in runs (kept by `burnin`).
+    Burnin {
+        #[command(subcommand)]
+        what: Burnin,
+    },
+}
+
+#[derive(Subcommand)]
+enum Burnin {
+    /// A run's timeline, pauses and IV tables.
+    Show {
+        /// The run id (`burnin/status` `run_id`).
+        run_id: String,
+        /// Print the run document as JSON instead.
+        #[arg(long)]
+        json: bool,
+        /// Also write each IV curve as CSV (one file per channel and scan) into DIR.
+        #[arg(long, value_name = "DIR")]
+        csv: Option<PathBuf>,
+        /// Stack config (the `burnin` service's file says where runs are kept).
+        #[arg(long, short, default_value = "deploy/dcs.yaml")]
+        config: PathBuf,
     },
 }
 
@@ -191,6 +215,18 @@ fn main() -> ExitCode {
                 Ok((cfg, q)) => run_time(runtime.block_on(alarms_log(&cfg, &q, json))),
             }
         }
+        Cmd::Burnin {
+            what:
+                Burnin::Show {
+                    run_id,
+                    json,
+                    csv,
+                    config,
+                },
+        } => match service_config::<burnin::Burnin>(&config) {
+            Err(e) => config_error(e),
+            Ok(cfg) => run_time(runtime.block_on(burnin_show(&cfg, &run_id, json, csv.as_deref()))),
+        },
         Cmd::Run { .. } => config_error(anyhow::anyhow!(
             "give a component name (`dcs run NAME`) or `dcs run show RUN_ID`"
         )),
@@ -386,6 +422,42 @@ async fn show_run(cfg: &ph2acf::BridgeConfig, run_id: &str, json: bool) -> anyho
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
         print!("{}", ph2acf::show::render_table(&view));
+    }
+    Ok(())
+}
+
+/// The config of service `P` in the stack config at `path`.
+fn service_config<P: dcs_shared::program::Program>(path: &Path) -> anyhow::Result<P::Config> {
+    let stack = StackConfig::load(path)?;
+    let file = stack
+        .enabled(false)
+        .into_iter()
+        .find(|(c, _)| c.name == P::NAME)
+        .and_then(|(_, f)| f)
+        .ok_or_else(|| anyhow::anyhow!("no `{}` service in {}", P::NAME, path.display()))?;
+    Ok(dcs_shared::program::load::<P>(&file)?)
+}
+
+/// `dcs burnin show`: the run as a table or JSON, and its IV curves as CSV.
+async fn burnin_show(
+    cfg: &burnin::BurninConfig,
+    run_id: &str,
+    json: bool,
+    csv: Option<&Path>,
+) -> anyhow::Result<()> {
+    let (doc, from) = burnin::show::fetch(cfg, run_id).await?;
+    eprintln!("dcs: run {run_id} from {from}");
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!("{}", burnin::show::render(&doc));
+    }
+    if let Some(dir) = csv {
+        for f in burnin::show::export_csv(&doc, dir)
+            .map_err(|e| anyhow::anyhow!("cannot write CSV into {}: {e}", dir.display()))?
+        {
+            eprintln!("dcs: wrote {}", f.display());
+        }
     }
     Ok(())
 }

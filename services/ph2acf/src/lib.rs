@@ -7,14 +7,13 @@
 //! - [`results`]: reading the run directory (per-chip files parsed, no I/O in parsing);
 //! - [`record`]: the run as a MongoDB document and `calibration_runs` points (pure);
 //! - [`outbox`]: durable queues in front of the stores; [`store`] (MongoDB, GridFS) and
-//!   [`influx_sink`] (InfluxDB) deliver from them;
+//!   `dcs_shared::influx::deliver_outbox` (InfluxDB) deliver from them;
 //! - [`commands`] (allowlist checks, pure) and [`service`] (MQTT, one run at a time);
 //! - [`show`]: `dcs run show`, the run joined with the environment during it.
 
 pub mod backend;
 pub mod commands;
 pub mod config;
-pub mod influx_sink;
 /// The durable queues (shared with the notifier).
 pub use dcs_shared::outbox;
 pub mod record;

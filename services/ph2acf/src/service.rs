@@ -17,7 +17,6 @@ use tokio::task::JoinHandle;
 use crate::backend::{self, Outcome, RunEvent, RunStatus};
 use crate::commands::{BridgeCommand, RunPlan};
 use crate::config::{BackendKind, BridgeConfig};
-use crate::influx_sink;
 use crate::outbox::{Delivery, Outbox};
 use crate::record::{new_run_id, RunRecord};
 use crate::results;
@@ -323,7 +322,7 @@ fn start_delivery(
     }
     match cfg.influx() {
         Some(settings) => {
-            tokio::spawn(influx_sink::deliver(
+            tokio::spawn(dcs_shared::influx::deliver_outbox(
                 influx.clone(),
                 settings,
                 shutdown.clone(),
