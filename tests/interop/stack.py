@@ -209,8 +209,11 @@ class Stack:
              ("127.0.0.1:5503", f"{HOST}:{self.marta_control}"))
         copy("marta.yaml")
         copy("marta-registers.yaml")
-        for name in ["telemetry.yaml", "interlock.yaml", "notifier.yaml", "env-sim.yaml"]:
+        for name in ["telemetry.yaml", "interlock.yaml", "notifier.yaml", "env-sim.yaml", "burnin.yaml"]:
             copy(name)
+        (cfg / "burnin").mkdir()
+        for seq in (DEPLOY / "burnin").glob("*.yaml"):
+            shutil.copy(seq, cfg / "burnin" / seq.name)
         (cfg / "ph2acf").mkdir()
         shutil.copy(DEPLOY / "ph2acf/PS_module.xml", cfg / "ph2acf/PS_module.xml")
         stack = (

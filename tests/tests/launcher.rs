@@ -718,7 +718,8 @@ fn swap(file: &Path, swaps: &[(&str, &str)]) {
 /// MongoDB-wire server, as an operator runs it:
 /// started over MQTT, an interlock trip in the cold phase (env-sim raises the dew
 /// point) pauses it without a fight, dry air and an acknowledgement let it resume by
-/// itself after the hold time with the step redone; `burnin` SIGKILLed during an IV
+/// itself after the hold time with the step redone; one channel's sensor breaks down
+/// and its IV scans stop at compliance while the other's finish; `burnin` SIGKILLed during an IV
 /// scan is restarted by the launcher and resumes at that step; the run ends done, every
 /// step done once, the pauses, IV points (with their conditions) and the calibration's
 /// run id in the run document, which reaches MongoDB; `burnin_steps` points in
@@ -753,6 +754,14 @@ async fn a_burn_in_pauses_on_a_trip_resumes_by_itself_and_survives_a_kill() {
     swap(
         &d.join("burnin.yaml"),
         &[("hold_secs: 300", "hold_secs: 3")],
+    );
+    // Channel 1's sensor breaks down at 20 V: its scan stops at compliance.
+    swap(
+        &d.join("caen.yaml"),
+        &[(
+            "  hv_leak_ua: 0.05",
+            "  hv_leak_ua: 0.05\n  breakdown_volts: {\"1\": 20}",
+        )],
     );
     let influx = dcs_integration_tests::db::Influx::start();
     let mongo = dcs_integration_tests::db::Mongo::start();
@@ -937,24 +946,33 @@ async fn a_burn_in_pauses_on_a_trip_resumes_by_itself_and_survives_a_kill() {
         .collect();
     assert_eq!(iv.len(), 2);
     for s in &iv {
-        for ch in ["0", "1"] {
-            let curve = &s["data"]["iv"][ch];
-            assert_eq!(curve["end"], "complete", "{curve}");
-            let pts = curve["points"].as_array().unwrap();
-            // 10, 20, 30, 40, 50, 75, 100 V: one point each, none twice.
-            let v: Vec<f64> = pts.iter().map(|p| p["v_set"].as_f64().unwrap()).collect();
-            assert_eq!(v, [10.0, 20.0, 30.0, 40.0, 50.0, 75.0, 100.0], "{curve}");
-            let last = &pts[6];
-            assert!((last["v"].as_f64().unwrap() - 100.0).abs() < 2.0, "{last}");
-            // 100 V on the simulator's 100 MOhm load: 1 uA.
-            assert!((last["i_ua"].as_f64().unwrap() - 1.0).abs() < 0.1, "{last}");
-            assert!(
-                last["env"]["env"]["dew_point"]
-                    .as_array()
-                    .is_some_and(|a| !a.is_empty()),
-                "{last}"
-            );
-        }
+        // Channel 0: 10, 20, 30, 40, 50, 75, 100 V, one point each, none twice.
+        let curve = &s["data"]["iv"]["0"];
+        assert_eq!(curve["end"], "complete", "{curve}");
+        let pts = curve["points"].as_array().unwrap();
+        let v: Vec<f64> = pts.iter().map(|p| p["v_set"].as_f64().unwrap()).collect();
+        assert_eq!(v, [10.0, 20.0, 30.0, 40.0, 50.0, 75.0, 100.0], "{curve}");
+        let last = &pts[6];
+        assert!((last["v"].as_f64().unwrap() - 100.0).abs() < 2.0, "{last}");
+        // 100 V on the simulator's 100 MOhm load and 0.05 uA of sensor leakage.
+        assert!(
+            (last["i_ua"].as_f64().unwrap() - 1.05).abs() < 0.1,
+            "{last}"
+        );
+        assert!(
+            last["env"]["env"]["dew_point"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty()),
+            "{last}"
+        );
+        // Channel 1 broke down: stopped at 75 V (13 uA >= 10 uA compliance), back to 0.
+        let curve = &s["data"]["iv"]["1"];
+        assert_eq!(curve["end"], "compliance", "{curve}");
+        let pts = curve["points"].as_array().unwrap();
+        let v: Vec<f64> = pts.iter().map(|p| p["v_set"].as_f64().unwrap()).collect();
+        assert_eq!(v, [10.0, 20.0, 30.0, 40.0, 50.0, 75.0], "{curve}");
+        assert!(pts[5]["i_ua"].as_f64().unwrap() >= 10.0, "{curve}");
+        assert!(pts[4]["i_ua"].as_f64().unwrap() < 10.0, "{curve}");
     }
     // Every step start and end, the two pauses and resumes, the end: in InfluxDB.
     let q = format!("SELECT * FROM burnin_steps WHERE run_id = '{run_id}'");
@@ -1006,7 +1024,7 @@ async fn a_burn_in_pauses_on_a_trip_resumes_by_itself_and_survives_a_kill() {
     );
     assert!(table.contains("pauses: 2"), "{table}");
     assert!(
-        table.contains("cycle 2/2, step 3 iv_scan channel 1 (complete)"),
+        table.contains("cycle 2/2, step 3 iv_scan channel 1 (compliance)"),
         "{table}"
     );
     let files = std::fs::read_dir(&csv).unwrap().count();

@@ -110,6 +110,12 @@ pub struct SimSection {
     pub lv_load_ohms: f64,
     /// Default HV load, MOhm (IMon in uA = VMon / R).
     pub hv_load_mohms: f64,
+    /// The sensor behind each HV channel: leakage at 100 V, uA (0: no sensor), adding
+    /// a square-root rise with the bias to the load's current.
+    pub hv_leak_ua: f64,
+    /// Breakdown voltage per module channel (the key under `channels:`), V: above it
+    /// the leakage rises e-fold every 10 V (an IV scan stops there at compliance).
+    pub breakdown_volts: BTreeMap<String, f64>,
     /// Where the mainframe state survives restarts; relative to the config file.
     pub state_file: Option<PathBuf>,
 }
@@ -122,6 +128,8 @@ impl Default for SimSection {
             noise: 0.0,
             lv_load_ohms: 10.0,
             hv_load_mohms: 100.0,
+            hv_leak_ua: 0.0,
+            breakdown_volts: BTreeMap::new(),
             state_file: None,
         }
     }
@@ -219,6 +227,20 @@ impl dcs_shared::Validate for SimConfig {
         }
         if !(s.hv_load_mohms.is_finite() && s.hv_load_mohms > 0.0) {
             return invalid("sim.hv_load_mohms", "must be a number > 0");
+        }
+        if !(s.hv_leak_ua.is_finite() && s.hv_leak_ua >= 0.0) {
+            return invalid("sim.hv_leak_ua", "must be a number >= 0 (uA at 100 V)");
+        }
+        for (ch, v) in &s.breakdown_volts {
+            if !self.channels.contains_key(&ChannelKey(ch.clone())) {
+                return invalid(
+                    format!("sim.breakdown_volts.{ch}"),
+                    "no such channel under `channels:`",
+                );
+            }
+            if !(v.is_finite() && *v > 0.0) {
+                return invalid(format!("sim.breakdown_volts.{ch}"), "must be a voltage > 0");
+            }
         }
         Ok(())
     }

@@ -153,6 +153,30 @@ pub struct Saved {
     pub load: f64,
 }
 
+/// A silicon sensor's leakage current, in microamps, as a bias scan sees it: rising
+/// as the square root of the voltage up to full depletion (bulk generation current
+/// grows with the depleted volume), then exponentially above a breakdown voltage
+/// (e-fold every 10 V), capped at 1 A so a runaway stays finite.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sensor {
+    /// Leakage at 100 V, uA.
+    pub leak_ua: f64,
+    /// Breakdown voltage, V (magnitude); `None`: none within range.
+    pub breakdown_v: Option<f64>,
+}
+
+impl Sensor {
+    /// Leakage current at `v` volts (magnitude), uA.
+    pub fn current_ua(&self, v: f64) -> f64 {
+        let v = v.abs();
+        let bulk = self.leak_ua * (v / 100.0).sqrt();
+        let avalanche = self.breakdown_v.filter(|b| v > *b).map_or(0.0, |b| {
+            self.leak_ua * (((v - b) / 10.0).min(50.0).exp() - 1.0)
+        });
+        (bulk + avalanche).min(1e6)
+    }
+}
+
 /// One mainframe channel.
 #[derive(Debug, Clone)]
 pub struct Channel {
@@ -170,6 +194,8 @@ pub struct Channel {
     unplugged: bool,
     load: f64,
     default_load: f64,
+    /// The sensor behind an HV channel (leakage, breakdown), if modelled.
+    sensor: Option<Sensor>,
     noise: f64,
     rng: u64,
     /// Ramp target seen by the previous step and VMon when it last changed: the LV ramp
@@ -194,6 +220,7 @@ impl Channel {
             unplugged: false,
             load: 0.0,
             default_load,
+            sensor: None,
             noise,
             // xorshift must not start at 0; spread small seeds apart.
             rng: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
@@ -455,6 +482,12 @@ impl Channel {
         positive(duration).and_then(|d| positive(span / d))
     }
 
+    /// Puts a silicon sensor behind this (HV) channel: its current adds to the load's.
+    pub fn with_sensor(mut self, sensor: Option<Sensor>) -> Channel {
+        self.sensor = sensor.filter(|_| self.kind == Kind::Hv);
+        self
+    }
+
     fn load_value(&self) -> f64 {
         if self.load > 0.0 {
             self.load
@@ -468,7 +501,8 @@ impl Channel {
         self.imon = if self.unplugged || !r.is_finite() || r <= 0.0 {
             0.0
         } else {
-            self.vmon() / r
+            let v = self.vmon();
+            v / r + self.sensor.map_or(0.0, |s| s.current_ua(v))
         };
     }
 
@@ -785,5 +819,25 @@ mod tests {
         let mut bad = saved.clone();
         bad.settings.i0set = f64::NAN;
         assert!(hv().restore(&bad).is_err());
+    }
+
+    #[test]
+    fn a_sensor_leaks_as_the_root_of_the_bias_and_breaks_down_above_its_voltage() {
+        let s = Sensor {
+            leak_ua: 0.1,
+            breakdown_v: Some(500.0),
+        };
+        assert_eq!(s.current_ua(0.0), 0.0);
+        assert!((s.current_ua(100.0) - 0.1).abs() < 1e-12);
+        assert!((s.current_ua(400.0) - 0.2).abs() < 1e-12);
+        // 50 V past breakdown: e^5 - 1 more leakage units.
+        let at = s.current_ua(550.0) - 0.1 * 5.5f64.sqrt();
+        assert!((at - 0.1 * (5f64.exp() - 1.0)).abs() < 1e-9);
+        assert!(s.current_ua(1e6).is_finite());
+        // Added to the load's current on an HV channel.
+        let mut ch = Channel::new(Kind::Hv, 100.0, 0.0, 1).with_sensor(Some(s));
+        ch.vmon = 100.0;
+        ch.update_current();
+        assert!((ch.imon() - 1.1).abs() < 1e-9);
     }
 }

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::config::{SideSpec, SimConfig};
-use crate::model::{valid_setting, Channel, CurrentRange, Kind, PowerDown, Saved};
+use crate::model::{valid_setting, Channel, CurrentRange, Kind, PowerDown, Saved, Sensor};
 
 /// Labels of `Pw`.
 const PW_LABELS: &[&str] = &["Off", "On"];
@@ -713,7 +713,11 @@ pub async fn run(cfg: SimConfig, shutdown: CancellationToken) -> anyhow::Result<
                 Kind::Hv => (cfg.sim.hv_load_mohms, 1),
             };
             let seed = seed + 2 * (u64::from(spec.addr.board) * 1000 + u64::from(spec.addr.chan));
-            let ch = Channel::new(spec.kind, load, cfg.sim.noise, seed);
+            let sensor = (cfg.sim.hv_leak_ua > 0.0).then(|| Sensor {
+                leak_ua: cfg.sim.hv_leak_ua,
+                breakdown_v: cfg.sim.breakdown_volts.get(&spec.channel.0).copied(),
+            });
+            let ch = Channel::new(spec.kind, load, cfg.sim.noise, seed).with_sensor(sensor);
             (spec, ch)
         })
         .collect();
