@@ -4,6 +4,8 @@
 use dcs_shared::command::{self, Command, CommandError};
 use serde::Deserialize;
 
+use crate::sequence::IvScan;
+
 /// A `burnin` command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BurninCommand {
@@ -37,8 +39,30 @@ pub enum BurninCommand {
         /// Why.
         reason: String,
     },
+    /// `{"modules", "operator", "comment", "scan": {iv_scan step}}`: an IV scan alone,
+    /// run as a one-step sequence (checkpointed, paused and recorded like any run).
+    IvScan {
+        /// Modules whose channels are scanned.
+        modules: Vec<String>,
+        /// Who.
+        operator: String,
+        /// Why (may be empty).
+        comment: String,
+        /// The scan, as an `iv_scan` step of a sequence file.
+        scan: IvScan,
+    },
     /// Republish the status.
     Refresh,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IvScanPayload {
+    modules: Vec<String>,
+    operator: String,
+    #[serde(default)]
+    comment: String,
+    scan: IvScan,
 }
 
 #[derive(Deserialize)]
@@ -133,9 +157,30 @@ impl Command for BurninCommand {
                     reason: required(&p.reason, "reason", 200)?,
                 })
             }
+            ["iv_scan"] => {
+                let p: IvScanPayload = command::json(payload).map_err(|e| {
+                    CommandError::new(format!(
+                        "{}: iv_scan takes {{\"modules\": [..], \"operator\", \"comment\", \"scan\": {{\"from\", \"segments\": [{{\"to\", \"step\"}}], \"ramp_rate\", \"settle_secs\", \"compliance_ua\", \"channels\"}}}}",
+                        e.0
+                    ))
+                })?;
+                if p.modules.is_empty() {
+                    return Err(CommandError::new("`modules` must list the modules to scan"));
+                }
+                Ok(BurninCommand::IvScan {
+                    modules: p
+                        .modules
+                        .iter()
+                        .map(|m| required(m, "modules[]", 64))
+                        .collect::<Result<Vec<_>, _>>()?,
+                    operator: required(&p.operator, "operator", 64)?,
+                    comment: command::truncate(p.comment.trim(), 500),
+                    scan: p.scan,
+                })
+            }
             ["refresh"] => Ok(BurninCommand::Refresh),
             other => Err(CommandError::new(format!(
-                "unknown command `{}`: burnin takes start, pause, resume, abort, refresh",
+                "unknown command `{}`: burnin takes start, pause, resume, abort, iv_scan, refresh",
                 other.join("/")
             ))),
         }
@@ -185,5 +230,25 @@ mod tests {
         assert!(e.0.contains("start, pause, resume, abort"), "{e}");
         let e = BurninCommand::parse(&["abort"], br#"{"operator": "a"}"#).unwrap_err();
         assert!(e.0.contains("reason"), "{e}");
+    }
+
+    #[test]
+    fn an_iv_scan_alone_takes_the_step_of_a_sequence() {
+        let c = BurninCommand::parse(
+            &["iv_scan"],
+            br#"{"modules": ["module_0"], "operator": "ana", "scan": {"segments": [{"to": 100, "step": 10}], "compliance_ua": 5}}"#,
+        )
+        .unwrap();
+        let BurninCommand::IvScan { scan, .. } = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(scan.points().len(), 10);
+        assert_eq!(scan.ramp_rate, 10.0);
+        let e = BurninCommand::parse(
+            &["iv_scan"],
+            br#"{"modules": ["m"], "operator": "a", "scan": {"segments": [], "compliance_ua": 5, "volts": 3}}"#,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("volts"), "{e}");
     }
 }

@@ -523,6 +523,29 @@ pub fn parse(text: &str, origin: &Path, limits: Limits) -> Result<Sequence, Conf
     Ok(seq.0)
 }
 
+/// An IV scan on its own (`burnin/cmd/iv_scan`) as a one-step sequence, with its text
+/// (what the checkpoint keeps), checked as a sequence file would be; an error names the
+/// field of the command (`scan.segments[1].to`).
+pub fn iv_scan_alone(scan: IvScan, limits: Limits) -> Result<(Sequence, String), String> {
+    let seq = Sequence {
+        description: "IV scan (burnin/cmd/iv_scan)".into(),
+        steps: vec![Step::IvScan(scan)],
+        limits,
+    };
+    let text = serde_yaml::to_string(&seq).map_err(|e| format!("scan: {e}"))?;
+    match parse(&text, Path::new("iv_scan"), limits) {
+        Ok(seq) => Ok((seq, text)),
+        Err(e) => Err(match e.key {
+            Some(k) => format!(
+                "`{}`: {}",
+                k.replacen("steps[0].iv_scan", "scan", 1),
+                e.message
+            ),
+            None => e.message,
+        }),
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(transparent)]
 struct Unchecked(Sequence);
@@ -634,6 +657,39 @@ steps:
             ..v
         };
         assert_eq!(odd.points(), [10.0, 20.0, 25.0]);
+    }
+
+    #[test]
+    fn an_iv_scan_alone_is_a_sequence_that_survives_its_text() {
+        let scan = IvScan {
+            from: 0.0,
+            segments: vec![Segment {
+                to: 50.0,
+                step: 10.0,
+            }],
+            ramp_rate: 10.0,
+            settle_secs: 1.0,
+            compliance_ua: 10.0,
+            channels: Some(vec!["1".into()]),
+        };
+        let (seq, text) = iv_scan_alone(scan.clone(), Limits::default()).unwrap();
+        assert_eq!(seq.steps, [Step::IvScan(scan.clone())]);
+        assert_eq!(
+            parse(&text, Path::new("t"), Limits::default()).unwrap(),
+            seq
+        );
+        let far = IvScan {
+            segments: vec![Segment {
+                to: 900.0,
+                step: 10.0,
+            }],
+            ..scan
+        };
+        let e = iv_scan_alone(far, Limits::default()).unwrap_err();
+        assert!(
+            e.starts_with("`scan.segments[0].to`: 900 V is beyond"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -245,6 +245,22 @@ fn request(cfg: &BurninConfig, c: BurninCommand) -> Result<Request, String> {
         BurninCommand::Pause { operator, reason } => Request::Pause { operator, reason },
         BurninCommand::Resume { operator } => Request::Resume { operator },
         BurninCommand::Abort { operator, reason } => Request::Abort { operator, reason },
+        BurninCommand::IvScan {
+            modules,
+            operator,
+            comment,
+            scan,
+        } => {
+            let (seq, text) = sequence::iv_scan_alone(scan, cfg.limits)?;
+            Request::Start {
+                name: "iv_scan".into(),
+                sequence: Box::new(seq),
+                text,
+                modules,
+                operator,
+                comment,
+            }
+        }
         BurninCommand::Refresh => return Err("refresh is answered by the service".into()),
     })
 }
