@@ -41,6 +41,16 @@ pub fn escape_controls(s: &str) -> String {
     out
 }
 
+/// Letters, digits, `_`, `-`, `.`; 1..=64 bytes. Names that can never be read as
+/// options, paths or shell syntax.
+pub fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with(['-', '.'])
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
 /// A number for a message: as written for ordinary magnitudes, in exponent form for
 /// huge or tiny ones (`1e308` is not printed as 309 digits).
 pub fn show_number(v: f64) -> String {

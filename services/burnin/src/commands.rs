@@ -83,6 +83,25 @@ struct WhoWhy {
     reason: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Who {
+    operator: String,
+}
+
+/// The operator of a run: a user name, as the Ph2_ACF bridge takes it for the run's
+/// calibrations (a name it would refuse would pause the run at its first calibration).
+fn user_name(value: &str) -> Result<String, CommandError> {
+    let v = value.trim();
+    if !command::is_identifier(v) {
+        return Err(CommandError::new(format!(
+            "`operator` `{}`: give a user name (letters, digits, `_`, `-`, `.`), as Ph2_ACF runs record it",
+            command::truncate(v, 40)
+        )));
+    }
+    Ok(v.to_string())
+}
+
 fn required(value: &str, field: &str, max: usize) -> Result<String, CommandError> {
     let v = value.trim();
     if v.is_empty() {
@@ -111,11 +130,7 @@ impl Command for BurninCommand {
                 })?;
                 let sequence = required(&p.sequence, "sequence", 64)?;
                 // A name, never a path: only files of the sequences folder run.
-                if !sequence
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                    || sequence.starts_with('.')
-                {
+                if !command::is_identifier(&sequence) {
                     return Err(CommandError::new(format!(
                         "`sequence` must be a sequence name (letters, digits, `-`, `_`, `.`), not `{sequence}`"
                     )));
@@ -133,7 +148,7 @@ impl Command for BurninCommand {
                 Ok(BurninCommand::Start {
                     sequence: sequence.trim_end_matches(".yaml").to_string(),
                     modules,
-                    operator: required(&p.operator, "operator", 64)?,
+                    operator: user_name(&p.operator)?,
                     comment: command::truncate(p.comment.trim(), 500),
                 })
             }
@@ -145,7 +160,9 @@ impl Command for BurninCommand {
                 })
             }
             ["resume"] => {
-                let p = who_why("resume")?;
+                let p: Who = command::json(payload).map_err(|e| {
+                    CommandError::new(format!("{}: resume takes {{\"operator\"}}", e.0))
+                })?;
                 Ok(BurninCommand::Resume {
                     operator: required(&p.operator, "operator", 64)?,
                 })
@@ -173,7 +190,7 @@ impl Command for BurninCommand {
                         .iter()
                         .map(|m| required(m, "modules[]", 64))
                         .collect::<Result<Vec<_>, _>>()?,
-                    operator: required(&p.operator, "operator", 64)?,
+                    operator: user_name(&p.operator)?,
                     comment: command::truncate(p.comment.trim(), 500),
                     scan: p.scan,
                 })
@@ -221,6 +238,10 @@ mod tests {
                 "operator",
             ),
             (br#"{"sequence": "s", "modules": ["m"]}"#, "operator"),
+            (
+                br#"{"sequence": "s", "modules": ["m"], "operator": "Ana M."}"#,
+                "user name",
+            ),
             (b"go", "start takes"),
         ] {
             let e = BurninCommand::parse(&["start"], payload).unwrap_err();
@@ -230,6 +251,9 @@ mod tests {
         assert!(e.0.contains("start, pause, resume, abort"), "{e}");
         let e = BurninCommand::parse(&["abort"], br#"{"operator": "a"}"#).unwrap_err();
         assert!(e.0.contains("reason"), "{e}");
+        let e =
+            BurninCommand::parse(&["resume"], br#"{"operator": "a", "reason": "r"}"#).unwrap_err();
+        assert!(e.0.contains("resume takes {\"operator\"}"), "{e}");
     }
 
     #[test]

@@ -400,7 +400,7 @@ impl Engine {
 
     /// Takes back a checkpointed run after a restart: paused until conditions are
     /// normal, then its preconditions are restored and its step runs again.
-    pub fn restore(&mut self, mut run: Run, wall: UtcNanos) -> Vec<Effect> {
+    pub fn restore(&mut self, mut run: Run, now: Instant, wall: UtcNanos) -> Vec<Effect> {
         let seq = match sequence::parse(
             &run.text,
             std::path::Path::new(&run.sequence),
@@ -430,14 +430,22 @@ impl Engine {
             out.push(self.status(wall));
             return out;
         }
+        if let RunState::Ending { end, reason } = run.state.clone() {
+            // Killed while switching off after an abort or a failure: finish that, never
+            // resume what the operator or a limit ended.
+            self.run = Some(run);
+            out.extend(self.end_safely(&end, reason, now, wall));
+            return out;
+        }
         if let Some(s) = run.steps.last_mut() {
             if s.end_ns.is_none() {
                 s.outcome = "interrupted".into();
                 s.end_ns = Some(wall.as_nanos());
             }
         }
-        let manual = matches!(run.state, RunState::Paused { manual: true, .. });
-        if !matches!(run.state, RunState::Paused { .. }) {
+        // A run that was paused stays paused (its pause goes on); any other is paused now.
+        let newly_paused = !matches!(run.state, RunState::Paused { .. });
+        if newly_paused {
             run.pauses.push(PauseRecord {
                 reason: "burnin restarted".into(),
                 step: self.path(run.index),
@@ -447,13 +455,15 @@ impl Engine {
             run.state = RunState::Paused {
                 reason: "burnin restarted: resuming once conditions are normal".into(),
                 since_ns: wall.as_nanos(),
-                manual,
+                manual: false,
             };
         }
         self.run = Some(run);
         self.exec = None;
         out.push(self.checkpoint());
-        out.push(self.mark("pause", Some("burnin restarted"), wall));
+        if newly_paused {
+            out.push(self.mark("pause", Some("burnin restarted"), wall));
+        }
         out.push(self.status(wall));
         out
     }
@@ -491,9 +501,7 @@ impl Engine {
                     );
                 }
                 let why = format!("paused by {operator}: {reason}");
-                let mut out = self.pause(why, true, now, wall);
-                out.push(self.status(wall));
-                (Ok(()), out)
+                (Ok(()), self.pause(why, true, now, wall))
             }
             Request::Resume { operator } => {
                 let Some(run) = self.run.as_mut() else {
@@ -647,9 +655,7 @@ impl Engine {
         ) {
             return vec![Effect::Log(true, format!("while ending the run: {why}"))];
         }
-        let mut out = self.pause(why, false, now, wall);
-        out.push(self.status(wall));
-        out
+        self.pause(why, false, now, wall)
     }
 
     /// Takes a message.
@@ -676,9 +682,7 @@ impl Engine {
             RunState::Running | RunState::Restoring => {
                 let needs_lv = self.needs_lv();
                 if let Some(why) = self.problem(now, needs_lv) {
-                    let mut out = self.pause(why, false, now, wall);
-                    out.push(self.status(wall));
-                    return out;
+                    return self.pause(why, false, now, wall);
                 }
                 self.advance(now, wall)
             }
@@ -800,6 +804,9 @@ impl Engine {
             since_ns: wall.as_nanos(),
             manual,
         };
+        // Said first: the checkpoint (the whole run, IV curves included) takes an fsync,
+        // and a crash before it is written restarts into a pause all the same.
+        out.push(self.status(wall));
         out.push(self.mark("pause", Some(&reason), wall));
         let Some(run) = self.run.as_mut() else {
             return out;
@@ -1173,7 +1180,6 @@ impl Engine {
                         continue;
                     }
                     out.extend(self.pause(why, false, now, wall));
-                    out.push(self.status(wall));
                     return out;
                 }
                 // IV scans send while others are outstanding; everything else waits.
@@ -1272,7 +1278,6 @@ impl Engine {
                         Ok(false) => return out,
                         Err(why) => {
                             out.extend(self.pause(why, false, now, wall));
-                            out.push(self.status(wall));
                             return out;
                         }
                     }
@@ -1759,30 +1764,40 @@ impl Engine {
         .into_status()
     }
 
-    /// Estimated end: the remaining soaks and holds, plus the mean duration of the
-    /// other steps done so far for each remaining one.
+    /// Estimated end: each remaining step takes what the steps of its kind took so far
+    /// in this run (mean), or before any has ended, a guess from the step itself (a
+    /// soak its time, a cooling its hold plus 5 min, an IV scan its ramps and settling,
+    /// a calibration 10 min, anything else 10 s).
     fn eta(&self, wall: UtcNanos) -> Option<i64> {
         let run = self.run.as_ref()?;
         if run.state.finished() {
             return None;
         }
-        let done: Vec<&StepRecord> = run.steps.iter().filter(|s| s.outcome == "done").collect();
-        let mean = if done.is_empty() {
-            0.0
-        } else {
-            done.iter()
-                .map(|s| (s.end_ns.unwrap_or(s.start_ns) - s.start_ns) as f64 / 1e9)
-                .sum::<f64>()
-                / done.len() as f64
-        };
+        let mut by_kind: BTreeMap<&str, (f64, u32)> = BTreeMap::new();
+        for s in run.steps.iter().filter(|s| s.outcome == "done") {
+            let e = by_kind.entry(s.kind.as_str()).or_default();
+            e.0 += (s.end_ns.unwrap_or(s.start_ns) - s.start_ns) as f64 / 1e9;
+            e.1 += 1;
+        }
         let rest: f64 = self
             .leaves
             .iter()
             .skip(run.index)
-            .map(|l| match &l.step {
-                Step::Soak(s) => s.secs,
-                Step::Cooling(c) => c.hold_secs.max(mean),
-                _ => mean,
+            .map(|l| match (&l.step, by_kind.get(l.step.kind())) {
+                (Step::Soak(s), _) => s.secs,
+                (_, Some((sum, n))) => sum / f64::from(*n),
+                (Step::Cooling(c), None) => c.hold_secs + 300.0,
+                (Step::IvScan(v), None) => {
+                    let mut at = v.from;
+                    let mut t = 0.0;
+                    for p in v.points() {
+                        t += (p - at).abs() / v.ramp_rate + v.settle_secs;
+                        at = p;
+                    }
+                    t + (at - v.from).abs() / v.ramp_rate
+                }
+                (Step::Calibration(_), None) => 600.0,
+                _ => 10.0,
             })
             .sum();
         Some(wall.as_nanos().saturating_add((rest * 1e9) as i64))
@@ -2177,7 +2192,7 @@ mod tests {
         );
         let fx = lab
             .engine
-            .restore(serde_json::from_value(doc).unwrap(), lab.w());
+            .restore(serde_json::from_value(doc).unwrap(), lab.now, lab.w());
         lab.carry(fx);
         assert!(
             matches!(lab.state(), RunState::Paused { ref reason, .. } if reason.contains("restarted"))
@@ -2194,6 +2209,46 @@ mod tests {
             assert_eq!(n, 1, "step {i} done once");
         }
         let _ = lab.t0;
+    }
+
+    #[test]
+    fn a_sequencer_killed_while_ending_a_run_finishes_switching_off() {
+        let mut lab = Lab::new();
+        lab.start(SEQ).unwrap();
+        lab.run_until(|e| e.run().is_some_and(|r| r.index == 7), 120);
+        let mut doc = serde_json::to_value(lab.engine.run().unwrap()).unwrap();
+        // The checkpoint of an abort in progress (HV and LV not yet off).
+        doc["state"] =
+            json!({"state": "ending", "end": "aborted", "reason": "aborted by ana: leak"});
+        let env = serde_yaml::from_str("dew_point: {topic: \"+/sensors/BME/dew\", max_age_secs: 30}\nhumidity: {topic: \"+/sensors/BME/humi\", max_age_secs: 30}\n").unwrap();
+        lab.engine = Engine::new(
+            "burnin",
+            settings(),
+            World::new(Names::default(), &env, lab.now),
+        );
+        lab.sent.clear();
+        let fx = lab
+            .engine
+            .restore(serde_json::from_value(doc).unwrap(), lab.now, lab.w());
+        lab.carry(fx);
+        for _ in 0..20 {
+            lab.step(250);
+        }
+        assert!(
+            matches!(lab.state(), RunState::Aborted { ref reason } if reason.contains("leak")),
+            "{:?}",
+            lab.state()
+        );
+        let sent: Vec<String> = lab.sent.iter().map(|(t, p)| format!("{t} {p}")).collect();
+        assert_eq!(
+            sent,
+            [
+                "dcs/cmd/switch/hv/0 off",
+                "dcs/cmd/switch/hv/1 off",
+                "dcs/cmd/switch/lv/0 off",
+                "dcs/cmd/switch/lv/1 off"
+            ]
+        );
     }
 
     #[test]

@@ -110,7 +110,7 @@ pub async fn run(
     let mut startup = Vec::new();
     if let Some(doc) = saved {
         match serde_json::from_value::<Run>(doc) {
-            Ok(run) => startup = engine.restore(run, UtcNanos::now()),
+            Ok(run) => startup = engine.restore(run, Instant::now(), UtcNanos::now()),
             Err(e) => anyhow::bail!(
                 "{}/checkpoint.json is not a run of this version ({e}): move it away to start afresh",
                 cfg.state_dir.display()

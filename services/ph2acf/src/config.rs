@@ -254,15 +254,7 @@ impl dcs_shared::Validate for BridgeConfig {
     }
 }
 
-/// Letters, digits, `_`, `-`, `.`; 1..=64 bytes. Names that can never be read as
-/// options, paths or shell syntax.
-pub fn is_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && !s.starts_with(['-', '.'])
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-}
+pub use dcs_shared::command::is_identifier;
 
 impl BridgeConfig {
     /// Loads, validates and resolves relative paths against the file.
