@@ -204,11 +204,71 @@ def test_panel_drives_the_simulated_lab(stack, node_red, page):
     wait_until("channel rows on the panel", lambda: any(r[:3] == ["1", "module_1", "LV_ON"] for r in rows())
                and any(r[:2] == ["3", "LV_OFF"] for r in rows()), WAIT, log=lambda: str(rows()))
 
-    services = ["dcs", "julabo", "MARTA", "interlock", "telemetry", "ph2acf", "env-sim", "dcs-launcher"]
+    services = ["dcs", "julabo", "MARTA", "interlock", "telemetry", "ph2acf", "env-sim", "dcs-launcher",
+                "burnin"]
     wait_until("every service online on the panel",
                lambda: all([svc, "online"] in rows() for svc in services), WAIT,
                log=lambda: str(rows()))
     assert not any("OFFLINE" in r for r in rows()), rows()
+
+    # Burn-in from the panel: the start form sends what burnin accepts (deploy/burnin/short.yaml
+    # on module_0, a CAEN module of deploy/caen.yaml), the status reaches the panel, an
+    # operator's pause shows its reason and ETA, a resume, an abort with its reason (HV, then
+    # LV off on channel 0), and a refusal shown under the burn-in section.
+    def panel_has(pattern):
+        wait_until(f"/{pattern}/ on the panel", lambda: re.search(pattern, body(page)), WAIT, interval=0.3,
+                   log=lambda: body(page)[-3000:] + "\n--- dcs up ---\n" + stack.log())
+
+    t0 = time.monotonic()
+    pick(page, "Burn-in sequence", "short")
+    page.get_by_label("Modules under test (comma-separated)").fill("module_0")
+    page.get_by_label("Started by").fill("panel_test")
+    click(page, "Start burn-in")
+    reply = obs.wait_json("burnin/reply", lambda r: r["topic"] == "burnin/cmd/start", WAIT, since=t0, log=stack.log)
+    assert reply["ok"] is True, reply
+    started = next(m for m in obs.snapshot() if m.topic == "burnin/cmd/start" and m.at >= t0)
+    assert json.loads(started.payload) == {"sequence": "short", "modules": ["module_0"],
+                                           "operator": "panel_test", "comment": ""}, started.payload
+    run = obs.wait_json("burnin/status", lambda s: s["state"] == "running", WAIT, since=t0, log=stack.log)
+    assert (run["sequence"], run["modules"], run["operator"]) == ("short", ["module_0"], "panel_test"), run
+    wait_panel(page, run["run_id"], log)
+    wait_panel(page, "OK burnin/cmd/start", log)
+
+    t1 = time.monotonic()
+    page.get_by_label("Paused by").fill("panel_test")
+    page.get_by_label("Why pause").fill("panel pause test")
+    click(page, "Pause burn-in")
+    paused = obs.wait_json("burnin/status", lambda s: s["state"] == "paused", WAIT, since=t1, log=stack.log)
+    assert paused["pause"]["by_operator"] is True, paused
+    assert paused["pause"]["reason"] == "paused by panel_test: panel pause test", paused
+    step = paused["step"]
+    panel_has(r"Burn-in state\s+paused")
+    panel_has(r"Burn-in phase\s+paused")
+    panel_has(rf"Burn-in step\s+{re.escape(step['path'])} \({step['index'] + 1} of {step['total']}\)")
+    panel_has(r"Burn-in pause\s+paused by panel_test: panel pause test, since \d{4}-\d\d-\d\d \d\d:\d\d")
+    panel_has(rf"Burn-in progress\s+{paused['progress']:.1f} %")
+    panel_has(r"Burn-in ETA\s+\d{4}-\d\d-\d\d \d\d:\d\d.* \(in \d+")
+
+    t2 = time.monotonic()
+    page.get_by_label("Resumed by").fill("panel_test")
+    click(page, "Resume burn-in")
+    reply = obs.wait_json("burnin/reply", lambda r: r["topic"] == "burnin/cmd/resume", WAIT, since=t2, log=stack.log)
+    assert reply["ok"] is True, reply
+    # Lifted, but the run waits for resume.hold_secs of normal conditions first.
+    obs.wait_json("burnin/status", lambda s: s["pause"] is not None and s["pause"]["by_operator"] is False,
+                  WAIT, since=t2, log=stack.log)
+
+    t3 = time.monotonic()
+    page.get_by_label("Aborted by").fill("panel_test")
+    page.get_by_label("Why abort").fill("panel abort test")
+    click(page, "Abort burn-in")
+    ended = obs.wait_json("burnin/status", lambda s: s["state"] == "aborted", WAIT, since=t3, log=stack.log)
+    assert ended["reason"] == "aborted by panel_test: panel abort test", ended
+    panel_has(r"Burn-in state\s+aborted \(aborted by panel_test: panel abort test\)")
+    panel_has(r"Burn-in ETA\s+ended \d{4}-")
+    # Nothing to resume any more: refused, and the refusal shown in the burn-in section.
+    click(page, "Resume burn-in")
+    panel_has(r"Last burn-in refusal\s+\d\d:\d\d:\d\d UTC resume refused: the run is aborted, not paused")
 
 
 def test_panel_offers_what_the_services_allow():
@@ -227,6 +287,30 @@ def test_panel_offers_what_the_services_allow():
     interlock = yaml.safe_load((REPO_ROOT / "deploy/interlock.yaml").read_text())
     for form in ("form-alarm-shelve", "form-alarm-unshelve"):
         assert options(form, "rule") == list(interlock["rules"]), form
+    # Burn-in: every sequence file of burnin.yaml's sequences_dir, and nothing else.
+    burnin = yaml.safe_load((REPO_ROOT / "deploy/burnin.yaml").read_text())
+    sequences = sorted(f.stem for f in (REPO_ROOT / "deploy" / burnin["sequences_dir"]).glob("*.yaml"))
+    assert sequences, "no sequence files in deploy/burnin"
+    assert sorted(options("form-burnin-start", "sequence")) == sequences
+
+    # One subscription per topic: the broker sends a message once per matching filter of a
+    # connection, so overlapping `mqtt in` filters (burnin/reply beside +/reply) would show
+    # every reply twice.
+    def overlap(a: str, b: str) -> bool:
+        a_levels, b_levels = a.split("/"), b.split("/")
+        for i in range(max(len(a_levels), len(b_levels))):
+            x = a_levels[i] if i < len(a_levels) else None
+            y = b_levels[i] if i < len(b_levels) else None
+            if "#" in (x, y):
+                return True
+            if x is None or y is None or (x != y and "+" not in (x, y)):
+                return False
+        return True
+
+    subs = [(n["id"], n["broker"], n["topic"]) for n in flows if n["type"] == "mqtt in"]
+    for i, (id_a, broker_a, a) in enumerate(subs):
+        for id_b, broker_b, b in subs[i + 1:]:
+            assert broker_a != broker_b or not overlap(a, b), f"{id_a} ({a}) and {id_b} ({b}) overlap"
     # Credentials: only references to the environment, never a secret.
     cred = json.loads((REPO_ROOT / "deploy/node-red/flows_cred.json").read_text())
     for node_cred in cred.values():
@@ -312,10 +396,11 @@ def test_published_payloads_match_the_asyncapi_contract(stack):
     # bad ones break the contract on purpose and are not checked; the panel's commands
     # (captured during the panel test) and the good ones are.
     bad = [("dcs/cmd/switch/hv", "maybe"), ("julabo/cmd/setWT", '{"setpoint": 9, "temp": 1}'),
-           ("ph2acf/cmd/run", '{"calibration": "rm -rf /"}')]
+           ("ph2acf/cmd/run", '{"calibration": "rm -rf /"}'),
+           ("burnin/cmd/start", '{"sequence": "../etc/passwd", "modules": ["module_0"], "operator": "ci"}')]
     good = [("dcs/cmd/refresh", ""), ("julabo/cmd/refresh", ""), ("ph2acf/cmd/refresh", ""),
             ("interlock/cmd/refresh", ""), ("alarms/cmd/ack", "all"), ("dcs-launcher/cmd/refresh", ""),
-            ("MARTA/cmd/refresh", ""), ("MARTA/cmd/set_flow_active", "1"),
+            ("MARTA/cmd/refresh", ""), ("MARTA/cmd/set_flow_active", "1"), ("burnin/cmd/refresh", ""),
             ("alarms/cmd/shelve", '{"rule": "dew_point", "minutes": 1, "by": "ci", "reason": "contract test"}'),
             ("alarms/cmd/unshelve", '{"rule": "dew_point", "by": "ci"}')]
     for topic, payload in bad + good:
@@ -361,7 +446,8 @@ def test_published_payloads_match_the_asyncapi_contract(stack):
     must = ["dcs/status", "dcs/channels", "dcs/reply", "julabo/status", "julabo/reply",
             "ph2acf/status", "ph2acf/reply", "telemetry/stats", "interlock/status",
             "interlock/permits", "alarms/summary", "alarms/reply", "dcs-launcher/status",
-            "ESP01/sensors/BME/temp", "dcs/online", "MARTA/status", "MARTA/alarms", "MARTA/reply"]
+            "ESP01/sensors/BME/temp", "dcs/online", "MARTA/status", "MARTA/alarms", "MARTA/reply",
+            "burnin/status", "burnin/reply", "burnin/online"]
     missing = [t for t in must if not any(c[0].match(t) and c[1] in seen for c in channels)]
     assert not missing, f"never captured: {missing}"
 
@@ -429,7 +515,34 @@ def test_grafana_queries_name_what_influxdb_really_holds(stack):
         obs.publish("ph2acf/cmd/run", json.dumps({
             "calibration": "pedenoise", "config": "PS_module",
             "modules": ["PS_26_05-IBA_00002"], "operator": "grafana_test"}))
-    wanted = {"channels", "dcs_status", "chiller", "sensors", "telemetry_stats", "calibration_runs", "marta"}
+    # A burn-in run with a step start and a pause, so that burnin_steps has both (the panel
+    # test made one); then aborted: HV, then LV off.
+    pause_points = """SELECT "reason" FROM "burnin_steps" WHERE "event" = 'pause'"""
+    if not influx.query(pause_points):
+        t0 = time.monotonic()
+        refusals = []
+
+        def start():
+            # Refused until the interlock has settled to OK after the stack started.
+            t = time.monotonic()
+            obs.publish("burnin/cmd/start", json.dumps({
+                "sequence": "short", "modules": ["module_0"], "operator": "grafana_test"}))
+            r = obs.wait_json("burnin/reply", lambda r: r["topic"] == "burnin/cmd/start", WAIT, since=t,
+                              log=stack.log)
+            refusals.append(r.get("error"))
+            return r["ok"]
+
+        wait_until("burnin/cmd/start accepted", start, 90, interval=2,
+                   log=lambda: f"refusals: {refusals[-3:]}\n{stack.log()}")
+        obs.wait_json("burnin/status", lambda s: s["state"] == "running", WAIT, since=t0, log=stack.log)
+        obs.publish("burnin/cmd/pause", json.dumps({"operator": "grafana_test", "reason": "grafana test"}))
+        obs.wait_json("burnin/status", lambda s: s["state"] == "paused", WAIT, since=t0, log=stack.log)
+        obs.publish("burnin/cmd/abort", json.dumps({"operator": "grafana_test", "reason": "grafana test"}))
+    # Points reach InfluxDB through burnin's queue: wait for the pause itself.
+    wait_until("a burnin_steps pause in InfluxDB", lambda: influx.query(pause_points), 90, interval=1,
+               log=stack.log)
+    wanted = {"channels", "dcs_status", "chiller", "sensors", "telemetry_stats", "calibration_runs", "marta",
+              "burnin_steps"}
 
     def present():
         got = {row[0] for s in influx.query("SHOW MEASUREMENTS") for row in s.get("values", [])}
