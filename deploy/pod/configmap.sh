@@ -7,7 +7,9 @@
 # `configmap.sh grafana` prints `tracker-dcs-grafana` instead: Grafana's provisioning
 # and dashboards from deploy/grafana, for the lab pod's grafana container (flat keys;
 # the pod's volume items put them in place). `configmap.sh node-red` prints
-# `tracker-dcs-node-red`: the control panel of deploy/node-red.
+# `tracker-dcs-node-red`: the control panel of deploy/node-red. `configmap.sh burnin`
+# prints `tracker-dcs-burnin`: the burn-in sequences of deploy/burnin, which the burnin
+# container mounts at /etc/tracker-dcs-burnin.
 set -euo pipefail
 deploy="$(cd "$(dirname "$0")/.." && pwd)"
 
@@ -32,7 +34,7 @@ case "${1:-}" in
   "")
     header tracker-dcs-config "from deploy/*.yaml"
     for f in pod/broker.yaml caen.yaml julabo.yaml julabo-sim.yaml marta.yaml marta-sim.yaml marta-registers.yaml \
-             telemetry.yaml interlock.yaml notifier.yaml env-sim.yaml; do
+             telemetry.yaml interlock.yaml notifier.yaml env-sim.yaml burnin.yaml; do
       entry "$(basename "$f")" "$deploy/$f"
     done
     ;;
@@ -44,6 +46,12 @@ case "${1:-}" in
       entry "dashboard-$(basename "$f")" "$f"
     done
     ;;
+  burnin)
+    header tracker-dcs-burnin "burnin sequences from deploy/burnin"
+    for f in "$deploy"/burnin/*.yaml; do
+      entry "$(basename "$f")" "$f"
+    done
+    ;;
   node-red)
     header tracker-dcs-node-red "node-red from deploy/node-red"
     for f in flows.json flows_cred.json settings.js; do
@@ -51,7 +59,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: $0 [grafana|node-red]" >&2
+    echo "usage: $0 [grafana|node-red|burnin]" >&2
     exit 2
     ;;
 esac

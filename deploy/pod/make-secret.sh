@@ -35,7 +35,7 @@ podman image exists "$image" || { echo "make-secret: no $image: run deploy/build
 
 random() { head -c 18 /dev/urandom | base64 | tr '+/' '-_'; }
 hash() { printf '%s\n' "$2" | podman run --rm -i --network none "$image" --hash-user "$1"; }
-accounts=(dcs julabo MARTA interlock notifier telemetry env-sim ph2acf)
+accounts=(dcs julabo MARTA interlock notifier telemetry env-sim ph2acf burnin)
 operator_pw=$(random)
 keys=(); values=(); passwd=""
 for a in "${accounts[@]}"; do

@@ -16,7 +16,7 @@ podman secret inspect tracker-dcs-mqtt >/dev/null 2>&1 || "$here/make-secret.sh"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 "$here/configmap.sh" > "$tmp/config.yaml"
 args=(--configmap "$tmp/config.yaml")
-for extra in grafana node-red; do
+for extra in grafana node-red burnin; do
   if grep -A1 'configMap:' "$file" | grep -q "name: tracker-dcs-$extra\$"; then
     "$here/configmap.sh" "$extra" > "$tmp/$extra.yaml"
     args+=(--configmap "$tmp/$extra.yaml")

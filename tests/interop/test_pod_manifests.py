@@ -52,7 +52,8 @@ def secret_keys() -> set[str]:
 
 @pytest.mark.parametrize("path", POD_FILES, ids=lambda p: p.name)
 def test_schema_valid_for_kubernetes(path: Path, tmp_path: Path) -> None:
-    r = validate(path, configmap(tmp_path), configmap(tmp_path, "grafana"), configmap(tmp_path, "node-red"))
+    r = validate(path, configmap(tmp_path), configmap(tmp_path, "grafana"), configmap(tmp_path, "node-red"),
+                 configmap(tmp_path, "burnin"))
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -114,6 +115,24 @@ def test_configmap_is_the_deploy_files(tmp_path: Path) -> None:
         src = POD_DIR / key if key == "broker.yaml" else REPO / "deploy" / key
         expected = "\n".join(line.rstrip() for line in src.read_text().splitlines()) + "\n"
         assert text == expected, key
+
+
+def test_burnin_configmap_is_deploy_burnin(tmp_path: Path) -> None:
+    """The sequences ConfigMap holds every sequence file of deploy/burnin as it is, and the
+    burnin containers read them where they mount it."""
+    (cm,) = docs(configmap(tmp_path, "burnin"))
+    files = sorted(p.name for p in (REPO / "deploy" / "burnin").glob("*.yaml"))
+    assert sorted(cm["data"]) == files
+    for name in files:
+        src = REPO / "deploy" / "burnin" / name
+        assert cm["data"][name] == "\n".join(l.rstrip() for l in src.read_text().splitlines()) + "\n"
+    for path in POD_FILES:
+        spec = [d for d in docs(path) if d["kind"] == "Pod"][0]["spec"]
+        (c,) = [c for c in spec["containers"] if c["name"] == "burnin"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        vol = {v["name"]: v for v in spec["volumes"]}[mounts[env["DCS_BURNIN_SEQUENCES"]]]
+        assert vol["configMap"]["name"] == "tracker-dcs-burnin", path.name
 
 
 def test_systemd_unit_for_start_at_boot(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ struct Cleanup {
     volume: String,
     secret: String,
     config: String,
+    sequences: String,
 }
 
 impl Drop for Cleanup {
@@ -63,6 +64,7 @@ impl Drop for Cleanup {
         podman(&["volume", "rm", "-f", &self.volume]);
         // kube play keeps a ConfigMap as a volume of its name.
         podman(&["volume", "rm", "-f", &self.config]);
+        podman(&["volume", "rm", "-f", &self.sequences]);
         podman(&["secret", "rm", &self.secret]);
     }
 }
@@ -82,11 +84,12 @@ async fn simulated_pod_plays_answers_over_mqtt_stops_cleanly_and_its_volume_rest
     // This test's own names and ports, so it never touches a user's pod.
     let port = free_port();
     let tag = format!("t{port}");
-    let (pod, volume, secret, config) = (
+    let (pod, volume, secret, config, sequences) = (
         format!("tracker-dcs-sim-{tag}"),
         format!("tracker-dcs-sim-state-{tag}"),
         format!("tracker-dcs-mqtt-{tag}"),
         format!("tracker-dcs-config-{tag}"),
+        format!("tracker-dcs-burnin-{tag}"),
     );
     let yaml = std::fs::read_to_string(root.join("deploy/pod/tracker-dcs-sim.yaml"))
         .unwrap()
@@ -94,6 +97,10 @@ async fn simulated_pod_plays_answers_over_mqtt_stops_cleanly_and_its_volume_rest
         .replace("tracker-dcs-sim-state", &volume)
         .replace("name: tracker-dcs-mqtt,", &format!("name: {secret},"))
         .replace("{name: tracker-dcs-config}", &format!("{{name: {config}}}"))
+        .replace(
+            "{name: tracker-dcs-burnin}",
+            &format!("{{name: {sequences}}}"),
+        )
         .replace("hostPort: 1883,", &format!("hostPort: {port},"))
         .replace("hostPort: 1884,", &format!("hostPort: {},", free_port()))
         .replace("hostPort: 8083,", &format!("hostPort: {},", free_port()));
@@ -104,6 +111,7 @@ async fn simulated_pod_plays_answers_over_mqtt_stops_cleanly_and_its_volume_rest
         volume: volume.clone(),
         secret: secret.clone(),
         config: config.clone(),
+        sequences: sequences.clone(),
     };
     let secrets = dir.path().join("secrets");
     let s = secrets.to_string_lossy().into_owned();
@@ -120,6 +128,12 @@ async fn simulated_pod_plays_answers_over_mqtt_stops_cleanly_and_its_volume_rest
     let cm_text = script("deploy/pod/configmap.sh", &[], &[])
         .replace("name: tracker-dcs-config\n", &format!("name: {config}\n"));
     std::fs::write(&cm, cm_text).unwrap();
+    let seq_cm = dir.path().join("configmap-burnin.yaml");
+    let seq_text = script("deploy/pod/configmap.sh", &["burnin"], &[]).replace(
+        "name: tracker-dcs-burnin\n",
+        &format!("name: {sequences}\n"),
+    );
+    std::fs::write(&seq_cm, seq_text).unwrap();
     ok(
         podman(&[
             "kube",
@@ -127,6 +141,8 @@ async fn simulated_pod_plays_answers_over_mqtt_stops_cleanly_and_its_volume_rest
             "--replace",
             "--configmap",
             &cm.to_string_lossy(),
+            "--configmap",
+            &seq_cm.to_string_lossy(),
             &pod_file.to_string_lossy(),
         ]),
         "podman kube play",
@@ -157,6 +173,8 @@ async fn simulated_pod_plays_answers_over_mqtt_stops_cleanly_and_its_volume_rest
     wait(&mut obs, "julabo/status", |v| v["fsm_state"] == "OFF").await;
     wait(&mut obs, "MARTA/status", |v| v["fsm_state"] == "CONNECTED").await;
     wait(&mut obs, "interlock/status", |v| v["state"] == "OK").await;
+    // The sequencer, with its sequences from their own ConfigMap.
+    wait(&mut obs, "burnin/status", |v| v["state"] == "idle").await;
     // A command and its effect in the next status.
     obs.publish("julabo/cmd/start", "").await;
     let r = wait(&mut obs, "julabo/reply", |v| {
@@ -189,7 +207,7 @@ async fn simulated_pod_plays_answers_over_mqtt_stops_cleanly_and_its_volume_rest
         "podman ps",
     );
     let containers: Vec<&str> = codes.lines().filter(|l| !l.contains("-infra ")).collect();
-    assert_eq!(containers.len(), 11, "{codes}");
+    assert_eq!(containers.len(), 12, "{codes}");
     for c in &containers {
         assert!(
             c.ends_with(" 0"),
@@ -253,6 +271,7 @@ async fn connect(port: u16, password: &str) -> Observer {
                     "MARTA/status",
                     "interlock/status",
                     "telemetry/stats",
+                    "burnin/status",
                 ],
             )
             .await;
