@@ -35,8 +35,21 @@ impl dcs_shared::program::Program for Burnin {
     }
     fn load_files(
         cfg: &mut BurninConfig,
-        _file: &std::path::Path,
+        file: &std::path::Path,
     ) -> Result<(), dcs_shared::ConfigError> {
+        if let Err(e) = std::fs::read_dir(&cfg.sequences_dir) {
+            return Err(dcs_shared::ConfigError {
+                line: dcs_shared::config::key_line(
+                    &std::fs::read_to_string(file).unwrap_or_default(),
+                    "sequences_dir",
+                ),
+                ..dcs_shared::ConfigError::invalid(
+                    file,
+                    "sequences_dir",
+                    format!("cannot read {}: {e}", cfg.sequences_dir.display()),
+                )
+            });
+        }
         // Every shipped sequence must load: a broken one is found at start, not when an
         // operator picks it at 3 a.m.
         for (_, f) in cfg.sequences() {
@@ -60,5 +73,39 @@ impl dcs_shared::program::Program for Burnin {
         shutdown: dcs_shared::shutdown::CancellationToken,
     ) -> anyhow::Result<()> {
         service::run(cfg, mqtt, shutdown).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sequences_are_checked_with_the_config() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("burnin.yaml");
+        std::fs::write(
+            &file,
+            "sequences_dir: seqs\nstate_dir: state\nenvironment:\n  dew_point: {topic: a/b, max_age_secs: 30}\n",
+        )
+        .unwrap();
+        let e = dcs_shared::program::load::<Burnin>(&file).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("sequences_dir"), "{e}");
+        assert_eq!(e.line, Some(1), "{e}");
+        std::fs::create_dir(d.path().join("seqs")).unwrap();
+        std::fs::write(
+            d.path().join("seqs/ok.yaml"),
+            "steps:\n  - soak: {secs: 1}\n",
+        )
+        .unwrap();
+        assert!(dcs_shared::program::load::<Burnin>(&file).is_ok());
+        std::fs::write(
+            d.path().join("seqs/bad.yaml"),
+            "steps:\n  - hv: {set: 5000}\n",
+        )
+        .unwrap();
+        let e = dcs_shared::program::load::<Burnin>(&file).unwrap_err();
+        assert!(e.origin.ends_with("seqs/bad.yaml"), "{e}");
+        assert_eq!(e.line, Some(2), "{e}");
     }
 }
