@@ -222,7 +222,8 @@ fn has_key(code: &str, name: &str) -> bool {
             if matches!(before, None | Some('{' | ',' | '-')) && matches!(after, None | Some(' ')) {
                 return true;
             }
-            from = at + 1;
+            // Past this match's first character, which may be more than one byte.
+            from = at + code[at..].chars().next().map_or(1, char::len_utf8);
         }
     }
     false

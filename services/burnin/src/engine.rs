@@ -294,6 +294,8 @@ struct IvChan {
     next: usize,
     phase: IvPhase,
     since: Instant,
+    /// VMon when the current move began: how far the ramp has to go.
+    start_v: f64,
 }
 
 #[derive(Debug, PartialEq)]
@@ -307,6 +309,14 @@ enum IvPhase {
     /// Going back to the start voltage.
     Returning,
     Finished,
+}
+
+/// Why an IV scan cannot go on.
+enum IvErr {
+    /// Conditions may come back (a trip, a slow ramp): pause.
+    Pause(String),
+    /// The sequence itself is wrong: fail the run.
+    Fail(String),
 }
 
 #[derive(Debug)]
@@ -370,6 +380,9 @@ pub enum Request {
 
 const VOLT_TOL_MIN: f64 = 1.0;
 
+/// How long an ending run waits for HV (then LV) to be confirmed off.
+const ENDING_WAIT: Duration = Duration::from_secs(180);
+
 fn volt_tol(v: f64) -> f64 {
     (v.abs() * 0.01).max(VOLT_TOL_MIN)
 }
@@ -407,14 +420,25 @@ impl Engine {
             self.settings.limits,
         ) {
             Ok(s) => s,
-            Err(e) => {
+            Err(e) if run.state.finished() => {
                 return vec![Effect::Log(
                     true,
                     format!(
-                        "checkpointed run {} not resumed: its sequence no longer loads: {e}",
+                        "last run {} not shown: its sequence no longer loads: {e}",
                         run.id
                     ),
                 )]
+            }
+            Err(e) => {
+                // Its supplies may be on: take it over and end it, never drop it.
+                self.leaves = Vec::new();
+                self.run = Some(run);
+                return self.end_safely(
+                    "failed",
+                    format!("not resumed after a restart: its sequence no longer loads ({e})"),
+                    now,
+                    wall,
+                );
             }
         };
         self.leaves = seq.flatten();
@@ -490,17 +514,31 @@ impl Engine {
                 operator,
                 comment,
             } => self.start(name, *sequence, text, modules, operator, comment, now, wall),
-            Request::Pause { operator, reason } => {
+            Request::Pause {
+                operator,
+                reason: why,
+            } => {
                 let Some(run) = self.run.as_mut().filter(|r| !r.state.finished()) else {
                     return (Err("no run in progress".into()), vec![]);
                 };
-                if matches!(run.state, RunState::Paused { .. } | RunState::Ending { .. }) {
-                    return (
-                        Err(format!("the run is already {}", run.state.name())),
-                        vec![],
-                    );
+                match &mut run.state {
+                    RunState::Ending { .. } => {
+                        return (Err("the run is already ending".into()), vec![]);
+                    }
+                    // Paused by itself: the operator's hold makes it wait for `resume`
+                    // (the box may be open), not only for conditions.
+                    RunState::Paused { manual, reason, .. } => {
+                        if *manual {
+                            return (Err(format!("the run is already paused: {reason}")), vec![]);
+                        }
+                        *manual = true;
+                        reason.push_str(&format!("; held by {operator}: {why}"));
+                        self.normal_since = None;
+                        return (Ok(()), vec![self.checkpoint(), self.status(wall)]);
+                    }
+                    _ => {}
                 }
-                let why = format!("paused by {operator}: {reason}");
+                let why = format!("paused by {operator}: {why}");
                 (Ok(()), self.pause(why, true, now, wall))
             }
             Request::Resume { operator } => {
@@ -775,6 +813,7 @@ impl Engine {
                 }
             }
         }
+        out.extend(self.stop_calibration());
         self.exec = None;
         self.normal_since = None;
         let snap_env = self.world.snapshot(
@@ -931,22 +970,58 @@ impl Engine {
             reason: reason.clone(),
         };
         let chans = run.channels.clone();
+        let stop = self.stop_calibration();
         let mut actions = VecDeque::new();
         for ch in &chans {
             actions.push_back(self.send(&format!("switch/hv/{ch}"), "off".into()));
         }
+        // Confirmed off, HV before LV; a switch-off that is not confirmed is said in
+        // the run's reason (it never ends as if the lab were safe).
+        actions.push_back(Action::Wait {
+            cond: Cond::Hv {
+                channels: chans.clone(),
+                on: false,
+            },
+            hold: Duration::ZERO,
+            timeout: ENDING_WAIT,
+        });
         for ch in &chans {
             actions.push_back(self.send(&format!("switch/lv/{ch}"), "off".into()));
         }
+        actions.push_back(Action::Wait {
+            cond: Cond::Lv {
+                channels: chans,
+                on: false,
+            },
+            hold: Duration::ZERO,
+            timeout: ENDING_WAIT,
+        });
         self.exec = Some(Exec::new(actions, now));
-        let mut out = vec![Effect::Log(
-            true,
-            format!("run ending ({end}): {reason}; HV and LV off"),
-        )];
+        // On disk before the first off goes out: a restart must end it, never resume it.
+        let mut out = vec![
+            Effect::Log(true, format!("run ending ({end}): {reason}; HV and LV off")),
+            self.checkpoint(),
+        ];
+        out.extend(stop);
         out.extend(self.advance(now, wall));
-        out.push(self.checkpoint());
         out.push(self.status(wall));
         out
+    }
+
+    /// A Ph2_ACF run this run asked for and did not see end: stopped (the bridge records
+    /// it as `stopped`), so a pause or an end never leaves a calibration running on
+    /// modules whose LV may go off.
+    fn stop_calibration(&self) -> Vec<Effect> {
+        let asked = self.exec.as_ref().is_some_and(|e| {
+            e.calibration.is_some() && matches!(e.actions.front(), Some(Action::Calibration(_)))
+        });
+        if !asked {
+            return vec![];
+        }
+        vec![Effect::Command {
+            topic: format!("{}/cmd/stop", self.world.names().ph2acf),
+            payload: String::new(),
+        }]
     }
 
     fn send(&self, cmd: &str, payload: String) -> Action {
@@ -970,6 +1045,12 @@ impl Engine {
                 topic: format!("{chiller}/cmd/setWT"),
                 payload: json!({"setpoint": self.settings.chiller_setpoint, "temp": c.temp})
                     .to_string(),
+            },
+            // The set-point written is the one in use (a unit left on another one
+            // would never move).
+            Action::Send {
+                topic: format!("{chiller}/cmd/useSP"),
+                payload: json!({"setpoint": self.settings.chiller_setpoint}).to_string(),
             },
             Action::Send {
                 topic: format!("{chiller}/cmd/start"),
@@ -1214,6 +1295,20 @@ impl Engine {
                         exec.pop(now);
                         continue;
                     }
+                    let (topic, payload) = (topic.clone(), payload.clone());
+                    if let Some(why) = self.hv_on_refused(&topic, &payload) {
+                        return match why {
+                            Err(never) => {
+                                out.extend(self.end_safely("failed", never, now, wall));
+                                out
+                            }
+                            Ok(not_now) => {
+                                out.extend(self.pause(not_now, false, now, wall));
+                                out
+                            }
+                        };
+                    }
+                    let exec = self.exec.as_mut().expect("checked above");
                     out.push(Effect::Command {
                         topic: topic.clone(),
                         payload: payload.clone(),
@@ -1248,6 +1343,22 @@ impl Engine {
                         exec.holding = None;
                     }
                     if now.saturating_duration_since(exec.since) > timeout {
+                        if let Some(RunState::Ending { reason, .. }) =
+                            self.run.as_mut().map(|r| &mut r.state)
+                        {
+                            reason.push_str(&format!(" (switch-off not confirmed: {why})"));
+                            out.push(Effect::Log(
+                                true,
+                                format!(
+                                    "switch-off not confirmed in {} s: {why}",
+                                    timeout.as_secs()
+                                ),
+                            ));
+                            if let Some(e) = self.exec.as_mut() {
+                                e.pop(now);
+                            }
+                            continue;
+                        }
                         let end = if matches!(
                             self.run.as_ref().map(|r| &r.state),
                             Some(RunState::Restoring)
@@ -1276,8 +1387,12 @@ impl Engine {
                             continue;
                         }
                         Ok(false) => return out,
-                        Err(why) => {
+                        Err(IvErr::Pause(why)) => {
                             out.extend(self.pause(why, false, now, wall));
+                            return out;
+                        }
+                        Err(IvErr::Fail(why)) => {
+                            out.extend(self.end_safely("failed", why, now, wall));
                             return out;
                         }
                     }
@@ -1325,6 +1440,27 @@ impl Engine {
             self.mark("run_end", Some(&why), wall),
             self.status(wall),
         ]
+    }
+
+    /// HV on for a channel whose LV is not confirmed on (off, ramping, unknown) is never
+    /// sent, whatever asks for it: `Ok(why)` to pause (LV went off, e.g. a trip),
+    /// `Err(why)` to fail the run (the sequence never switched that LV on).
+    fn hv_on_refused(&self, topic: &str, payload: &str) -> Option<Result<String, String>> {
+        let ch = topic
+            .strip_prefix(&format!("{}/cmd/switch/hv/", self.world.names().caen))
+            .filter(|_| payload == "on")?;
+        let c = self.world.channels.get(ch);
+        if c.is_some_and(|c| c.lv_on == Some(true) && !c.lv_ramping) {
+            return None;
+        }
+        let run = self.run.as_ref()?;
+        Some(if run.desired.lv.get(ch) == Some(&true) {
+            Ok(format!("HV on held back: LV of channel {ch} is not on"))
+        } else {
+            Err(format!(
+                "HV on asked for channel {ch} whose LV the sequence never switched on (add an `lv: {{switch: \"on\"}}` step before)"
+            ))
+        })
     }
 
     /// Whether `cond` holds now, and if not, why (for a timeout's message).
@@ -1393,7 +1529,17 @@ impl Engine {
                         .as_ref()
                         .and_then(|r| r.desired.cooling.as_ref())
                         .map(|c| c.temp);
-                    let coldest = [target, w.chiller_temp]
+                    // The cooling this condition is checked for: the next one to come.
+                    let next = self.run.as_ref().and_then(|r| {
+                        self.leaves
+                            .iter()
+                            .skip(r.index)
+                            .find_map(|l| match &l.step {
+                                Step::Cooling(c) => Some(c.temp),
+                                _ => None,
+                            })
+                    });
+                    let coldest = [target, next, w.chiller_temp]
                         .into_iter()
                         .flatten()
                         .fold(f64::INFINITY, f64::min);
@@ -1422,7 +1568,7 @@ impl Engine {
         now: Instant,
         wall: UtcNanos,
         out: &mut Vec<Effect>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, IvErr> {
         let Some(run) = self.run.as_ref() else {
             return Ok(true);
         };
@@ -1434,7 +1580,15 @@ impl Engine {
             for ch in &chans {
                 let c = self.world.channels.get(ch);
                 if c.and_then(|c| c.hv_on) != Some(true) {
-                    return Err(format!("IV scan: HV of channel {ch} is off (switch it on in a step before the scan)"));
+                    let why = format!("IV scan: HV of channel {ch} is off");
+                    // Off by the sequence's own doing: waiting cannot help.
+                    return Err(if run.desired.hv.get(ch) == Some(&true) {
+                        IvErr::Pause(why)
+                    } else {
+                        IvErr::Fail(format!(
+                            "{why} and the sequence never switched it on (an `hv: {{switch: \"on\"}}` step before the scan)"
+                        ))
+                    });
                 }
                 let done = run.iv.get(ch).map_or(0, |c| c.points.len());
                 let finished = run.iv.get(ch).is_some_and(|c| c.end != "scanning");
@@ -1442,13 +1596,11 @@ impl Engine {
                     ch.clone(),
                     IvChan {
                         targets: targets.clone(),
-                        next: done,
-                        phase: if finished {
-                            IvPhase::Returning
-                        } else {
-                            IvPhase::Start
-                        },
+                        // A finished channel only goes back to the start voltage.
+                        next: if finished { targets.len() } else { done },
+                        phase: IvPhase::Start,
                         since: now,
+                        start_v: c.and_then(|c| c.hv_v).unwrap_or(v.from),
                     },
                 );
             }
@@ -1494,6 +1646,7 @@ impl Engine {
                         IvPhase::Returning
                     };
                     c.since = now;
+                    c.start_v = vmon.unwrap_or(c.start_v);
                     exec.awaiting.insert(topic.clone(), now);
                     out.push(Effect::Command {
                         topic,
@@ -1508,16 +1661,20 @@ impl Engine {
                     } else {
                         c.targets[c.next - 1]
                     };
-                    let allowed = secs((t - prev).abs() / v.ramp_rate * 3.0 + 30.0);
-                    if vmon.is_some_and(|m| (m - t).abs() <= volt_tol(t)) {
+                    // From where the ramp really began (a resumed scan starts low).
+                    let allowed = secs((t - c.start_v).abs() / v.ramp_rate * 3.0 + 30.0);
+                    // Reached: within 1 % (1 V at least), and never as loose as half a
+                    // step, or the last point's reading would count as this one's.
+                    let tol = volt_tol(t).min(((t - prev).abs() / 2.0).max(0.05));
+                    if vmon.is_some_and(|m| (m - t).abs() <= tol) {
                         c.phase = IvPhase::Settling(t);
                         c.since = now;
                     } else if now.saturating_duration_since(c.since) > allowed {
-                        return Err(format!(
+                        return Err(IvErr::Pause(format!(
                             "IV scan: channel {ch} did not reach {t} V within {} s (VMon {})",
                             allowed.as_secs(),
                             vmon.map_or("?".into(), show)
-                        ));
+                        )));
                     }
                 }
                 IvPhase::Settling(t) => {
@@ -1547,6 +1704,7 @@ impl Engine {
                         .get_mut(&ch)
                         .expect("listed");
                     c.next += 1;
+                    c.start_v = vmon.unwrap_or(t);
                     let topic = format!("{}/cmd/setv/hv/{ch}", self.world.names().caen);
                     if imon.is_some_and(|i| i >= v.compliance_ua) {
                         curve.end = "compliance".into();
@@ -1583,15 +1741,13 @@ impl Engine {
                         c.phase = IvPhase::Finished;
                     } else {
                         all_done = false;
-                        let allowed = secs(
-                            v.points().last().copied().unwrap_or(0.0) / v.ramp_rate * 3.0 + 60.0,
-                        );
+                        let allowed = secs((c.start_v - v.from).abs() / v.ramp_rate * 3.0 + 60.0);
                         if now.saturating_duration_since(c.since) > allowed {
-                            return Err(format!(
+                            return Err(IvErr::Pause(format!(
                                 "IV scan: channel {ch} did not return to {} V within {} s",
                                 v.from,
                                 allowed.as_secs()
-                            ));
+                            )));
                         }
                     }
                 }
@@ -1610,8 +1766,22 @@ impl Engine {
             return Ok(true);
         };
         let bridge = self.world.names().ph2acf.clone();
+        let busy = matches!(
+            self.world.bridge.state.as_deref(),
+            Some("running" | "stopping")
+        );
         let exec = self.exec.as_mut().expect("running an action");
         let Some(cal) = exec.calibration.as_ref() else {
+            if busy {
+                // The run a pause stopped is still winding down: one run at a time.
+                if now.saturating_duration_since(exec.since) > secs(c.timeout_secs) {
+                    return Err(format!(
+                        "calibration {}: the bridge stayed busy for {} s",
+                        c.calibration, c.timeout_secs
+                    ));
+                }
+                return Ok(false);
+            }
             let topic = format!("{bridge}/cmd/run");
             let payload = json!({
                 "calibration": c.calibration, "config": c.config,
@@ -1770,7 +1940,7 @@ impl Engine {
     /// a calibration 10 min, anything else 10 s).
     fn eta(&self, wall: UtcNanos) -> Option<i64> {
         let run = self.run.as_ref()?;
-        if run.state.finished() {
+        if run.state.finished() || matches!(run.state, RunState::Ending { .. }) {
             return None;
         }
         let mut by_kind: BTreeMap<&str, (f64, u32)> = BTreeMap::new();
@@ -1779,26 +1949,40 @@ impl Engine {
             e.0 += (s.end_ns.unwrap_or(s.start_ns) - s.start_ns) as f64 / 1e9;
             e.1 += 1;
         }
+        // The step in progress counts for what is left of it.
+        let elapsed = run
+            .steps
+            .last()
+            .filter(|s| s.index == run.index && s.end_ns.is_none())
+            .map_or(0.0, |s| (wall.as_nanos() - s.start_ns).max(0) as f64 / 1e9);
         let rest: f64 = self
             .leaves
             .iter()
             .skip(run.index)
-            .map(|l| match (&l.step, by_kind.get(l.step.kind())) {
-                (Step::Soak(s), _) => s.secs,
-                (_, Some((sum, n))) => sum / f64::from(*n),
-                (Step::Cooling(c), None) => c.hold_secs + 300.0,
-                (Step::IvScan(v), None) => {
-                    let mut at = v.from;
-                    let mut t = 0.0;
-                    for p in v.points() {
-                        t += (p - at).abs() / v.ramp_rate + v.settle_secs;
-                        at = p;
-                    }
-                    t + (at - v.from).abs() / v.ramp_rate
-                }
-                (Step::Calibration(_), None) => 600.0,
-                _ => 10.0,
+            .enumerate()
+            .map(|(i, l)| {
+                (
+                    i,
+                    l,
+                    match (&l.step, by_kind.get(l.step.kind())) {
+                        (Step::Soak(s), _) => s.secs,
+                        (_, Some((sum, n))) => sum / f64::from(*n),
+                        (Step::Cooling(c), None) => c.hold_secs + 300.0,
+                        (Step::IvScan(v), None) => {
+                            let mut at = v.from;
+                            let mut t = 0.0;
+                            for p in v.points() {
+                                t += (p - at).abs() / v.ramp_rate + v.settle_secs;
+                                at = p;
+                            }
+                            t + (at - v.from).abs() / v.ramp_rate
+                        }
+                        (Step::Calibration(_), None) => 600.0,
+                        _ => 10.0,
+                    },
+                )
             })
+            .map(|(i, _, t)| if i == 0 { (t - elapsed).max(0.0) } else { t })
             .sum();
         Some(wall.as_nanos().saturating_add((rest * 1e9) as i64))
     }
@@ -2248,6 +2432,72 @@ mod tests {
                 "dcs/cmd/switch/lv/0 off",
                 "dcs/cmd/switch/lv/1 off"
             ]
+        );
+    }
+
+    #[test]
+    fn an_operator_can_hold_a_run_that_paused_by_itself() {
+        let mut lab = Lab::new();
+        lab.start(SEQ).unwrap();
+        lab.run_until(|e| e.run().is_some_and(|r| r.index == 6), 120);
+        lab.interlock = "ALARM";
+        lab.step(250);
+        assert!(matches!(
+            lab.state(),
+            RunState::Paused { manual: false, .. }
+        ));
+        let (r, fx) = lab.engine.request(
+            Request::Pause {
+                operator: "ana".into(),
+                reason: "box open".into(),
+            },
+            lab.now,
+            lab.w(),
+        );
+        lab.carry(fx);
+        r.unwrap();
+        lab.interlock = "OK";
+        lab.sent.clear();
+        for _ in 0..40 {
+            lab.step(250);
+        }
+        assert!(
+            matches!(lab.state(), RunState::Paused { manual: true, ref reason, .. } if reason.contains("held by ana: box open")),
+            "{:?}",
+            lab.state()
+        );
+        assert!(lab.sent.is_empty(), "{:?}", lab.sent);
+        let (r, fx) = lab.engine.request(
+            Request::Resume {
+                operator: "ana".into(),
+            },
+            lab.now,
+            lab.w(),
+        );
+        lab.carry(fx);
+        r.unwrap();
+        lab.run_until(done, 600);
+        assert_eq!(lab.state(), RunState::Done);
+    }
+
+    #[test]
+    fn hv_is_never_switched_on_over_an_lv_that_is_off() {
+        let mut lab = Lab::new();
+        lab.start("steps:\n  - hv: {switch: \"on\"}\n").unwrap();
+        for _ in 0..8 {
+            lab.step(250);
+        }
+        assert!(
+            matches!(lab.state(), RunState::Failed { ref reason } if reason.contains("never switched on")),
+            "{:?}",
+            lab.state()
+        );
+        assert!(
+            !lab.sent
+                .iter()
+                .any(|(t, p)| t.contains("/switch/hv/") && p == "on"),
+            "{:?}",
+            lab.sent
         );
     }
 

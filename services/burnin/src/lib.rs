@@ -53,7 +53,23 @@ impl dcs_shared::program::Program for Burnin {
         // Every shipped sequence must load: a broken one is found at start, not when an
         // operator picks it at 3 a.m.
         for (_, f) in cfg.sequences() {
-            sequence::load(&f, cfg.limits)?;
+            let (seq, text) = sequence::load(&f, cfg.limits)?;
+            // A `require` reads environment inputs by name: they must exist.
+            for (name, key) in seq.inputs_needed() {
+                if !cfg.environment.contains_key(name) {
+                    return Err(dcs_shared::ConfigError {
+                        line: dcs_shared::config::key_line(&text, &key),
+                        ..dcs_shared::ConfigError::invalid(
+                            &f,
+                            &key,
+                            format!(
+                                "reads the environment input `{name}`, which {} does not define (`environment:`)",
+                                file.display()
+                            ),
+                        )
+                    });
+                }
+            }
         }
         Ok(())
     }
@@ -99,6 +115,15 @@ mod tests {
         )
         .unwrap();
         assert!(dcs_shared::program::load::<Burnin>(&file).is_ok());
+        std::fs::write(
+            d.path().join("seqs/dry.yaml"),
+            "steps:\n  - require: {rh_below: 10}\n",
+        )
+        .unwrap();
+        let e = dcs_shared::program::load::<Burnin>(&file).unwrap_err();
+        assert!(e.message.contains("`humidity`"), "{e}");
+        assert_eq!(e.line, Some(2), "{e}");
+        std::fs::remove_file(d.path().join("seqs/dry.yaml")).unwrap();
         std::fs::write(
             d.path().join("seqs/bad.yaml"),
             "steps:\n  - hv: {set: 5000}\n",

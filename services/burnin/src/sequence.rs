@@ -208,8 +208,14 @@ impl IvScan {
         let mut at = self.from;
         for s in &self.segments {
             let dir = if s.to >= at { 1.0 } else { -1.0 };
-            // Integer stepping: no float drift over 80 steps.
-            let n = ((s.to - at).abs() / s.step).ceil() as usize;
+            // Integer stepping: no float drift over 80 steps; a ratio a rounding error
+            // off a whole number is that number (2.1 / 0.3 is 7, not 7.000000000000001).
+            let ratio = (s.to - at).abs() / s.step;
+            let n = if (ratio - ratio.round()).abs() < 1e-9 {
+                ratio.round()
+            } else {
+                ratio.ceil()
+            } as usize;
             for i in 1..=n {
                 let x = at + dir * s.step * i as f64;
                 v.push(if dir * (x - s.to) > 0.0 { s.to } else { x });
@@ -272,6 +278,32 @@ pub struct Leaf {
 }
 
 impl Sequence {
+    /// The environment inputs its `require` steps read (`humidity`, `dew_point`), with
+    /// the key of the first step that reads each.
+    pub fn inputs_needed(&self) -> Vec<(&'static str, String)> {
+        fn walk(steps: &[Step], at: &str, out: &mut Vec<(&'static str, String)>) {
+            for (i, s) in steps.iter().enumerate() {
+                match s {
+                    Step::Require(r) => {
+                        for (name, used, field) in [
+                            ("humidity", r.rh_below.is_some(), "rh_below"),
+                            ("dew_point", r.dew_margin.is_some(), "dew_margin"),
+                        ] {
+                            if used && !out.iter().any(|(n, _)| *n == name) {
+                                out.push((name, format!("{at}[{i}].require.{field}")));
+                            }
+                        }
+                    }
+                    Step::Repeat(r) => walk(&r.steps, &format!("{at}[{i}].repeat.steps"), out),
+                    _ => {}
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.steps, "steps", &mut out);
+        out
+    }
+
     /// Every step in the order it runs, `repeat`s unrolled.
     pub fn flatten(&self) -> Vec<Leaf> {
         let mut out = Vec::new();
@@ -468,6 +500,12 @@ fn check_steps(steps: &[Step], at: &str, lim: &Limits) -> Result<(), (String, St
                         return err(f, "must name one (see ph2acf.yaml)".into());
                     }
                 }
+                if c.modules.as_ref().is_some_and(Vec::is_empty) {
+                    return err(
+                        "modules",
+                        "an empty list: leave `modules` out for the run's modules".into(),
+                    );
+                }
                 if !secs(c.timeout_secs, false) {
                     return err("timeout_secs", "must be > 0 and at most a week".into());
                 }
@@ -654,9 +692,15 @@ steps:
                 to: 25.0,
                 step: 10.0,
             }],
-            ..v
+            ..v.clone()
         };
         assert_eq!(odd.points(), [10.0, 20.0, 25.0]);
+        let fine = IvScan {
+            segments: vec![Segment { to: 2.1, step: 0.3 }],
+            ..v
+        };
+        assert_eq!(fine.points().len(), 7, "{:?}", fine.points());
+        assert_eq!(*fine.points().last().unwrap(), 2.1);
     }
 
     #[test]

@@ -107,10 +107,12 @@ pub async fn run(
         mongo,
         influx,
     };
-    let mut startup = Vec::new();
+    // Taken back once connected: what it sends (an ending's switch-offs) must not be
+    // dropped for want of a connection.
+    let mut pending: Option<Run> = None;
     if let Some(doc) = saved {
         match serde_json::from_value::<Run>(doc) {
-            Ok(run) => startup = engine.restore(run, Instant::now(), UtcNanos::now()),
+            Ok(run) => pending = Some(run),
             Err(e) => anyhow::bail!(
                 "{}/checkpoint.json is not a run of this version ({e}): move it away to start afresh",
                 cfg.state_dir.display()
@@ -122,8 +124,9 @@ pub async fn run(
         dir = %cfg.sequences_dir.display(),
         "burnin started"
     );
-    io.apply(startup);
-    io.apply(vec![engine.status(UtcNanos::now())]);
+    if pending.is_none() {
+        io.apply(vec![engine.status(UtcNanos::now())]);
+    }
 
     let mut tick = tokio::time::interval(Duration::from_millis(cfg.timing.tick_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -158,7 +161,12 @@ pub async fn run(
                     }
                     io.apply(engine.on_message(&msg.topic, &msg.payload, now, wall));
                 }
-                Some(SessionEvent::Connected) => tracing::info!("connected to the broker"),
+                Some(SessionEvent::Connected) => {
+                    tracing::info!("connected to the broker");
+                    if let Some(run) = pending.take() {
+                        io.apply(engine.restore(run, Instant::now(), UtcNanos::now()));
+                    }
+                }
                 Some(SessionEvent::Disconnected(why)) => {
                     // Replies cannot arrive: a step waiting for one times out and pauses.
                     tracing::warn!(why, "broker connection lost");

@@ -41,9 +41,12 @@ pub async fn fetch(cfg: &BurninConfig, id: &str) -> anyhow::Result<(Json, String
 }
 
 fn ns(v: &Json) -> String {
-    v.as_i64().map_or_else(
+    v.as_i64().filter(|n| *n >= 0).map_or_else(
         || "-".into(),
-        |n| UtcNanos(n).to_string()[..19].replace('T', " "),
+        |n| {
+            let t: String = UtcNanos(n).to_string().chars().take(19).collect();
+            t.replace('T', " ")
+        },
     )
 }
 
@@ -202,6 +205,7 @@ pub fn export_csv(doc: &Json, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
                     "{},{},{},{},{},{}",
                     p["t_ns"]
                         .as_i64()
+                        .filter(|n| *n >= 0)
                         .map_or(String::new(), |n| UtcNanos(n).to_string()),
                     p["t_ns"],
                     f(p["v_set"].as_f64()),
