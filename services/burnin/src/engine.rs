@@ -1169,7 +1169,10 @@ impl Engine {
         let Some(run) = self.run.as_mut() else {
             return vec![];
         };
-        let leaf = self.leaves[run.index].clone();
+        // Past the last step (a checkpoint from a longer sequence): the run is over.
+        let Some(leaf) = self.leaves.get(run.index).cloned() else {
+            return self.finish(wall);
+        };
         let chans = |c: &Option<Vec<String>>| c.clone().unwrap_or_else(|| run.channels.clone());
         match &leaf.step {
             Step::Cooling(c) => run.desired.cooling = Some(c.clone()),
@@ -1786,7 +1789,7 @@ impl Engine {
             let payload = json!({
                 "calibration": c.calibration, "config": c.config,
                 "modules": c.modules.as_ref().unwrap_or(&run.modules),
-                "operator": run.operator, "comment": format!("burn-in {} {}", run.id, self.leaves[run.index].path),
+                "operator": run.operator, "comment": format!("burn-in {} {}", run.id, self.leaves.get(run.index).map_or("", |l| l.path.as_str())),
             });
             exec.awaiting.insert(topic.clone(), now);
             exec.calibration = Some(CalExec {
